@@ -1,0 +1,126 @@
+"""Configuration dataclasses shared by the Python API and the CLI.
+
+Field names equal the CLI option names (``max_batch_tokens`` is
+``--max-batch-tokens``). Every check lives in ``__post_init__`` so the API and
+the CLI refuse the same values with the same message. No torch import here:
+``ches-filter --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+from .errors import BadFlagError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ENGINES = ("auto", "packed", "plain")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+INPUT_FORMATS = ("explicit_text", "explicit_conversational", "implicit_conversational", "implicit_text")
+MEASURES = ("ches", "ln_ches")
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise BadFlagError(f"`--{flag}` got {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _positive(flag: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise BadFlagError(f"`--{flag}` must be a positive whole number, got {value!r}")
+
+
+@dataclass
+class ScoreConfig:
+    """How to read the input and score it.
+
+    Attributes mirror the ``score`` command's options; see ``docs/usage.md``.
+    """
+
+    model: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    attn_implementation: str = "sdpa"
+    engine: str = "auto"
+    input_format: str | None = None
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
+    id_column: str | None = None
+    split: str | None = None
+    subset: str | None = None
+    no_chat_template: bool = False
+    max_length: int | None = None
+    max_batch_tokens: int | None = None
+    max_batch_size: int | None = None
+    chunk_size: int = 4096
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        _choice("dtype", self.dtype, DTYPES)
+        _choice("engine", self.engine, ENGINES)
+        _choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if self.input_format is not None:
+            _choice("input-format", self.input_format, INPUT_FORMATS)
+        for flag in ("max_length", "max_batch_tokens", "max_batch_size", "chunk_size"):
+            _positive(flag.replace("_", "-"), getattr(self, flag))
+        for flag in ("prompt_column", "chosen_column", "rejected_column"):
+            if not getattr(self, flag):
+                raise BadFlagError(f"`--{flag.replace('_', '-')}` must name a column, got an empty string")
+        if len({self.prompt_column, self.chosen_column, self.rejected_column}) < 3:
+            raise BadFlagError(
+                "`--prompt-column`, `--chosen-column` and `--rejected-column` must name three different columns"
+            )
+        if self.device_map is not None and self.device not in ("auto",):
+            raise BadFlagError("`--device-map` places the model itself; leave `--device` at auto when using it")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class PruneConfig:
+    """Which scored pairs to keep.
+
+    Exactly one of ``keep`` (fraction of ``ok`` rows), ``keep_count`` or
+    ``max_score`` selects; ties break by ``row_index``.
+    """
+
+    keep: float | None = None
+    keep_count: int | None = None
+    max_score: float | None = None
+    by: str = "ln_ches"
+    keep_unscored: bool = False
+    add_scores: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("keep", "keep_count", "max_score") if getattr(self, name) is not None]
+        if len(given) != 1:
+            got = ", ".join(f"`--{g.replace('_', '-')}`" for g in given) or "none"
+            raise BadFlagError(
+                f"pass exactly one of `--keep F`, `--keep-count N` or `--max-score T` (got {got}); "
+                "e.g. `--keep 0.9` keeps the 90% lowest-risk pairs"
+            )
+        if self.keep is not None and not (0.0 < float(self.keep) <= 1.0):
+            raise BadFlagError(f"`--keep` must be a fraction in (0, 1], got {self.keep}; e.g. `--keep 0.9`")
+        if self.keep_count is not None and (isinstance(self.keep_count, bool) or int(self.keep_count) < 0):
+            raise BadFlagError(f"`--keep-count` must be 0 or more, got {self.keep_count}")
+        if self.max_score is not None and self.max_score != self.max_score:
+            raise BadFlagError("`--max-score` must be a number, got NaN")
+        _choice("by", self.by, MEASURES)
+
+    def keep_n(self, n_ok: int) -> int | None:
+        """Rows to keep out of ``n_ok`` scored rows (None for ``max_score``).
+
+        ``keep`` rounds half up in exact decimal arithmetic: ``--keep 0.9`` of
+        25 rows keeps 23 (22.5 rounds up), with no binary floating-point surprise.
+        """
+        if self.keep is not None:
+            exact = Decimal(str(self.keep)) * n_ok
+            return int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        if self.keep_count is not None:
+            return min(int(self.keep_count), n_ok)
+        return None

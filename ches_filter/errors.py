@@ -1,0 +1,27 @@
+"""Exception types that map onto the CLI's exit codes.
+
+The CLI turns :class:`BadDataError` into exit code 1 and :class:`BadFlagError`
+into exit code 2 (click's own usage errors are also 2), each printed as one
+sentence without a traceback. Library users catch :class:`ChesFilterError`.
+"""
+
+
+class ChesFilterError(Exception):
+    """Base class of every error ches-filter raises on purpose."""
+
+    exit_code = 1
+
+
+class BadDataError(ChesFilterError):
+    """The input data (or a file the user points at) cannot be used as given.
+
+    Messages say what arrived, what is allowed, and how to fix it.
+    """
+
+    exit_code = 1
+
+
+class BadFlagError(ChesFilterError, ValueError):
+    """A configuration value or a combination of flags is invalid."""
+
+    exit_code = 2

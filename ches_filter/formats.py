@@ -1,0 +1,408 @@
+"""Normalize one row of a DPO preference dataset into a :class:`Pair`.
+
+Four on-disk layouts are understood (see :data:`LAYOUTS`). Whole-dataset
+problems (a missing column, a layout that cannot be recognized) raise
+:class:`~ches_filter.errors.BadDataError`; problems with a single row never
+raise and instead come back as a :class:`Pair` whose ``status`` names the
+reason, so callers can skip the row and record why.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import BadDataError, BadFlagError
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = (
+    "explicit_text",
+    "explicit_conversational",
+    "implicit_conversational",
+    "implicit_text",
+)
+
+# Ordered as the checks run: the first matching status wins.
+ROW_STATUSES = (
+    "ok",
+    "invalid_prompt",
+    "invalid_chosen",
+    "invalid_rejected",
+    "prompt_mismatch",
+    "missing_assistant_turn",
+    "empty_prompt",
+    "empty_chosen",
+    "empty_rejected",
+)
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+# Only a marker at the start of a paragraph counts: HH responses often contain
+# "Human:" or "Assistant:" inside a turn (e.g. "\n\nAssistant: Human: ..."),
+# and that text belongs to the turn.
+_HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+# How many sample rows detect_layout looks at.
+_SAMPLE_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the dataset columns that hold each part of a pair."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str | None = None
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One normalized preference pair.
+
+    ``prompt_messages``/``chosen``/``rejected`` feed the chat-template path;
+    ``prompt_text``/``chosen_text``/``rejected_text`` feed models without a
+    chat template and are ``None`` for conversational layouts. When
+    ``status`` is not ``"ok"`` any field may be ``None``.
+    """
+
+    status: str
+    prompt_messages: tuple[dict, ...] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    prompt_text: str | None = None
+    chosen_text: str | None = None
+    rejected_text: str | None = None
+
+
+class _Invalid(Exception):
+    """Internal signal that a value has the wrong shape."""
+
+
+def is_conversational(value: Any) -> bool:
+    """Return True for a non-empty list/tuple of dicts with role and content."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return False
+    return all(isinstance(m, Mapping) and "role" in m and "content" in m for m in value)
+
+
+def validate_layout(layout: str) -> str:
+    """Return ``layout`` unchanged if it is one of :data:`LAYOUTS`.
+
+    Raises:
+        BadFlagError: for any other value.
+    """
+    if layout not in LAYOUTS:
+        raise BadFlagError(
+            f"unknown layout {layout!r}; valid choices: {', '.join(LAYOUTS)}. "
+            "Pass one of them to `--input-format`, or leave `--input-format` out to detect it."
+        )
+    return layout
+
+
+def split_hh_transcript(text: str) -> list[dict]:
+    """Split an HH-RLHF transcript into ``{"role", "content"}`` messages.
+
+    Markers are ``"\\n\\nHuman:"`` and ``"\\n\\nAssistant:"``; a transcript may
+    also start with a bare ``"Human:"``/``"Assistant:"``. Contents are
+    stripped of surrounding whitespace.
+
+    Raises:
+        ValueError: if ``text`` is not a string, holds no marker, or has
+            non-whitespace text before its first marker.
+    """
+    markers = _hh_markers(text)
+    messages = []
+    for i, (role, _start, end) in enumerate(markers):
+        stop = markers[i + 1][1] if i + 1 < len(markers) else len(text)
+        messages.append({"role": _HH_ROLES[role], "content": text[end:stop].strip()})
+    return messages
+
+
+def _hh_markers(text: Any) -> list[tuple[str, int, int]]:
+    """Return ``(role, start, end)`` of every turn marker in a transcript."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected a str transcript, got {type(text).__name__}")
+    markers = []
+    # A transcript that starts without the blank lines is still a transcript.
+    for name in _HH_ROLES:
+        if text.startswith(name + ":"):
+            markers.append((name, 0, len(name) + 1))
+    markers.extend((m.group(1), m.start(), m.end()) for m in _HH_MARKER.finditer(text))
+    if not markers:
+        raise ValueError("no '\\n\\nHuman:' or '\\n\\nAssistant:' marker found")
+    if text[: markers[0][1]].strip():
+        raise ValueError("text before the first '\\n\\nHuman:' marker")
+    return markers
+
+
+def _content_text(content: Any) -> str:
+    """Return message content as a str, joining text parts of a part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        pieces = []
+        for part in content:
+            if not isinstance(part, Mapping):
+                raise _Invalid
+            if part.get("type") != "text":
+                continue  # images, audio, ...: nothing a text model can score
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _Invalid
+            pieces.append(text)
+        return "".join(pieces)
+    raise _Invalid
+
+
+def _messages(value: Any) -> tuple[dict, ...]:
+    """Validate a message list and return it as fresh ``{role, content}`` dicts."""
+    if not is_conversational(value):
+        raise _Invalid
+    out = []
+    for message in value:
+        role = message["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise _Invalid
+        out.append({"role": role, "content": _content_text(message["content"])})
+    return tuple(out)
+
+
+def _blank(text: str) -> bool:
+    return not text.strip()
+
+
+def _finish(
+    prompt_messages: tuple[dict, ...],
+    chosen: str,
+    rejected: str,
+    text_form: tuple[str, str, str] | None = None,
+) -> Pair:
+    """Apply the emptiness checks shared by every layout and build the Pair."""
+    if all(_blank(m["content"]) for m in prompt_messages):
+        return Pair("empty_prompt")
+    if _blank(chosen):
+        return Pair("empty_chosen")
+    if _blank(rejected):
+        return Pair("empty_rejected")
+    prompt_text, chosen_text, rejected_text = text_form or (None, None, None)
+    return Pair(
+        "ok",
+        prompt_messages=prompt_messages,
+        chosen=chosen,
+        rejected=rejected,
+        prompt_text=prompt_text,
+        chosen_text=chosen_text,
+        rejected_text=rejected_text,
+    )
+
+
+def _explicit_text(prompt: Any, chosen: Any, rejected: Any) -> Pair:
+    for status, value in (
+        ("invalid_prompt", prompt),
+        ("invalid_chosen", chosen),
+        ("invalid_rejected", rejected),
+    ):
+        if not isinstance(value, str):
+            return Pair(status)
+    return _finish(
+        ({"role": "user", "content": prompt},),
+        chosen,
+        rejected,
+        (prompt, chosen, rejected),
+    )
+
+
+def _explicit_response(value: Any) -> str:
+    """A response given as a str or as a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    messages = _messages(value)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise _Invalid
+    return messages[0]["content"]
+
+
+def _explicit_conversational(prompt: Any, chosen: Any, rejected: Any) -> Pair:
+    try:
+        if isinstance(prompt, str):
+            prompt_messages = ({"role": "user", "content": prompt},)
+        else:
+            prompt_messages = _messages(prompt)
+    except _Invalid:
+        return Pair("invalid_prompt")
+    responses = []
+    for status, value in (("invalid_chosen", chosen), ("invalid_rejected", rejected)):
+        try:
+            responses.append(_explicit_response(value))
+        except _Invalid:
+            return Pair(status)
+    return _finish(prompt_messages, *responses)
+
+
+def _implicit_conversational(chosen: Any, rejected: Any) -> Pair:
+    sides = []
+    for status, value in (("invalid_chosen", chosen), ("invalid_rejected", rejected)):
+        try:
+            sides.append(_messages(value))
+        except _Invalid:
+            return Pair(status)
+    chosen_msgs, rejected_msgs = sides
+    # _messages returned plain {role, content} dicts, so == compares exactly those.
+    if chosen_msgs[:-1] != rejected_msgs[:-1]:
+        return Pair("prompt_mismatch")
+    if chosen_msgs[-1]["role"] != "assistant" or rejected_msgs[-1]["role"] != "assistant":
+        return Pair("missing_assistant_turn")
+    return _finish(chosen_msgs[:-1], chosen_msgs[-1]["content"], rejected_msgs[-1]["content"])
+
+
+def _implicit_text(chosen: Any, rejected: Any) -> Pair:
+    parsed = []
+    for status, value in (("invalid_chosen", chosen), ("invalid_rejected", rejected)):
+        try:
+            markers = _hh_markers(value)
+        except ValueError:
+            return Pair(status)
+        parsed.append((split_hh_transcript(value), markers[-1]))
+    (chosen_msgs, chosen_last), (rejected_msgs, rejected_last) = parsed
+    # The shared prompt is the raw text up to and including the last turn
+    # marker; comparing raw text (not parsed turns) also catches whitespace
+    # differences that would make the two sides tokenize differently.
+    chosen_prefix, rejected_prefix = chosen[: chosen_last[2]], rejected[: rejected_last[2]]
+    if chosen_prefix != rejected_prefix:
+        return Pair("prompt_mismatch")
+    if chosen_last[0] != "Assistant" or rejected_last[0] != "Assistant":
+        return Pair("missing_assistant_turn")
+    return _finish(
+        tuple(chosen_msgs[:-1]),
+        chosen_msgs[-1]["content"],
+        rejected_msgs[-1]["content"],
+        (chosen_prefix, chosen[chosen_last[2] :], rejected[rejected_last[2] :]),
+    )
+
+
+def normalize_row(row: dict, layout: str, columns: Columns) -> Pair:
+    """Turn one dataset row into a :class:`Pair`.
+
+    Never raises for a bad row: the returned ``status`` (one of
+    :data:`ROW_STATUSES`) says what is wrong with it.
+
+    Raises:
+        BadFlagError: if ``layout`` is not one of :data:`LAYOUTS`.
+    """
+    validate_layout(layout)
+    if not isinstance(row, Mapping):
+        row = {}
+    chosen = row.get(columns.chosen)
+    rejected = row.get(columns.rejected)
+    if layout == "explicit_text":
+        return _explicit_text(row.get(columns.prompt), chosen, rejected)
+    if layout == "explicit_conversational":
+        return _explicit_conversational(row.get(columns.prompt), chosen, rejected)
+    if layout == "implicit_conversational":
+        return _implicit_conversational(chosen, rejected)
+    return _implicit_text(chosen, rejected)
+
+
+def _first_value(sample_rows: list[dict], column: str) -> Any:
+    """Return the first non-None value of ``column`` in the sample, or None."""
+    for row in sample_rows[:_SAMPLE_LIMIT]:
+        if isinstance(row, Mapping) and row.get(column) is not None:
+            return row[column]
+    return None
+
+
+def _describe(value: Any) -> str:
+    """Name a value's kind for an error message."""
+    if is_conversational(value):
+        return "message lists"
+    return f"{type(value).__name__} values"
+
+
+def detect_layout(column_names: list[str], sample_rows: list[dict], columns: Columns) -> str:
+    """Guess the layout of a dataset from its columns and a few rows.
+
+    Args:
+        column_names: every column of the dataset.
+        sample_rows: the first rows (up to 100 are looked at).
+        columns: which columns hold prompt, chosen and rejected.
+
+    Returns:
+        One of :data:`LAYOUTS`.
+
+    Raises:
+        BadDataError: if a needed column is missing, holds only None, or the
+            values fit no layout.
+    """
+    available = ", ".join(column_names) or "(none)"
+    for role in ("chosen", "rejected"):
+        name = getattr(columns, role)
+        if name not in column_names:
+            raise BadDataError(
+                f"column {name!r} not found; available columns: {available}. "
+                f"Map it with `--{role}-column NAME`."
+            )
+
+    values = {}
+    for role in ("chosen", "rejected"):
+        name = getattr(columns, role)
+        values[role] = _first_value(sample_rows, name)
+        if values[role] is None:
+            raise BadDataError(
+                f"column {name!r} is None in all of the first "
+                f"{min(len(sample_rows), _SAMPLE_LIMIT)} rows; it must hold "
+                f"strings or message lists. Map another column with `--{role}-column NAME`."
+            )
+    chosen = values["chosen"]
+    if not isinstance(chosen, str) and not is_conversational(chosen):
+        raise BadDataError(
+            f"column {columns.chosen!r} holds {_describe(chosen)}; expected strings "
+            "or lists of {role, content} messages. Map another column with "
+            "`--chosen-column NAME`."
+        )
+
+    if columns.prompt in column_names:
+        prompt = _first_value(sample_rows, columns.prompt)
+        if prompt is None:
+            raise BadDataError(
+                f"column {columns.prompt!r} is None in all of the first "
+                f"{min(len(sample_rows), _SAMPLE_LIMIT)} rows; it must hold strings "
+                "or message lists. Map another column with `--prompt-column NAME`, "
+                "or pass `--layout implicit_conversational`/`--layout implicit_text` "
+                "if the responses hold the whole conversation."
+            )
+        if is_conversational(chosen) and (len(chosen) > 1 or chosen[0]["role"] != "assistant"):
+            # UltraFeedback-binarized keeps a prompt column *and* full
+            # conversations in chosen/rejected; the conversations are the
+            # authoritative prompt, so the prompt column is not used.
+            logger.info(
+                "column %r holds whole conversations; ignoring prompt column %r",
+                columns.chosen,
+                columns.prompt,
+            )
+            return "implicit_conversational"
+        if is_conversational(prompt):
+            return "explicit_conversational"
+        if isinstance(prompt, str):
+            return "explicit_conversational" if is_conversational(chosen) else "explicit_text"
+        raise BadDataError(
+            f"column {columns.prompt!r} holds {_describe(prompt)}; expected strings or "
+            "lists of {role, content} messages. Map another column with "
+            "`--prompt-column NAME`."
+        )
+
+    if is_conversational(chosen):
+        return "implicit_conversational"
+    if "Assistant:" in chosen:
+        return "implicit_text"
+    raise BadDataError(
+        f"column {columns.prompt!r} not found; available columns: {available}, and "
+        f"column {columns.chosen!r} holds plain strings, not HH-style transcripts "
+        "('\\n\\nHuman: ... \\n\\nAssistant: ...'). Pass `--prompt-column NAME` to "
+        "name the column holding the prompt."
+    )

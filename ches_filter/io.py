@@ -1,0 +1,740 @@
+"""Reading preference datasets and writing results, with clear errors.
+
+Inputs are loaded through the ``datasets`` library so rows stay Arrow-backed
+and memory-mapped instead of becoming one Python list. Outputs are written
+atomically: to a hidden sibling first, then renamed into place, so an
+interrupted run never leaves a half-written file where the result belongs.
+
+Every problem a user can cause is raised as :class:`BadDataError` (the data or
+a file cannot be used) or :class:`BadFlagError` (the flags do not fit
+together), with a message that names the file and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import gzip
+import json
+import logging
+import os
+import re
+import shutil
+import zlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from .errors import BadDataError, BadFlagError, ChesFilterError
+
+if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
+    import datasets
+    import pyarrow
+
+logger = logging.getLogger(__name__)
+
+# Metadata key under which write_table stores its JSON blob in the parquet schema.
+METADATA_KEY = b"ches_filter"
+
+_JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+_INPUT_SUFFIXES = _JSON_SUFFIXES + (".parquet", ".csv")
+_INPUT_HELP = (
+    "`.jsonl`, `.json`, `.jsonl.gz`, `.json.gz`, `.parquet`, `.csv`, a directory of "
+    "`.parquet` files, a glob such as `data/*.parquet`, a `save_to_disk` directory, "
+    "or a Hub dataset id `owner/name`"
+)
+_OUTPUT_HELP = (
+    "`.parquet`, `.jsonl`, or a path without an extension (written as a "
+    "`save_to_disk` directory)"
+)
+# A Hub id is `owner/name`: one slash, no leading dot or slash. Dots are
+# allowed in names (`teknium/OpenHermes-2.5`), so only data-file suffixes rule
+# a string out.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_DATA_FILE_SUFFIXES = _INPUT_SUFFIXES + (".gz", ".arrow", ".txt", ".tsv", ".zip")
+_GLOB_CHARS = frozenset("*?[")
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+# --------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------
+
+
+def read_dataset(
+    source: str, *, split: str | None = None, subset: str | None = None
+) -> "datasets.Dataset":
+    """Load a preference dataset from a local file, directory, glob or the Hub.
+
+    Args:
+        source: A `.jsonl`/`.json` (optionally `.gz`), `.parquet` or `.csv`
+            file; a directory of parquet files; a glob; a directory written by
+            ``save_to_disk``; or a Hub id ``owner/name`` when no such local
+            path exists.
+        split: Split to take from a ``DatasetDict`` directory or Hub dataset.
+        subset: Hub configuration name; only valid for Hub datasets.
+
+    Returns:
+        A memory-mapped ``datasets.Dataset`` with at least one row.
+
+    Raises:
+        BadDataError: The source is missing, unreadable, malformed or empty.
+        BadFlagError: ``split``/``subset`` do not fit the source.
+    """
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        ds = _read_directory(source, split=split, subset=subset)
+    elif os.path.exists(source):
+        _reject_split_subset(source, split, subset)
+        ds = _read_files(source, [source], _file_kind(source))
+    elif _GLOB_CHARS & set(source):
+        _reject_split_subset(source, split, subset)
+        ds = _read_glob(source)
+    elif _looks_like_hub_id(source):
+        ds = _read_hub(source, split=split, subset=subset)
+    else:
+        raise BadDataError(
+            f"{source}: no such file or directory; pass an existing path "
+            f"({_INPUT_HELP})."
+        )
+    if len(ds) == 0:
+        raise BadDataError(f"{source} holds no rows; it needs at least one example.")
+    logger.info("read %d rows with columns %s from %s", len(ds), ds.column_names, source)
+    return ds
+
+
+def _reject_split_subset(source: str, split: str | None, subset: str | None) -> None:
+    # Silently ignoring `--split` on a plain file would let a user believe they
+    # filtered the test split when they did not.
+    if split is not None:
+        raise BadFlagError(
+            f"`--split {split}` does not apply to {source}; `--split` selects a split "
+            "of a `save_to_disk` DatasetDict directory or a Hub dataset, so drop it."
+        )
+    if subset is not None:
+        raise BadFlagError(
+            f"`--subset {subset}` does not apply to {source}; `--subset` only selects "
+            "a configuration of a Hub dataset, so drop it."
+        )
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return bool(_HUB_ID.match(source)) and not source.lower().endswith(_DATA_FILE_SUFFIXES)
+
+
+def _file_kind(path: str) -> str:
+    """Returns the loader name ("json", "parquet" or "csv") for a file path."""
+    lower = path.lower()
+    if lower.endswith(_JSON_SUFFIXES):
+        return "json"
+    if lower.endswith(".parquet"):
+        return "parquet"
+    if lower.endswith(".csv"):
+        return "csv"
+    raise BadDataError(
+        f"{path} has an unsupported file type; allowed inputs are {_INPUT_HELP}."
+    )
+
+
+def _read_glob(pattern: str) -> "datasets.Dataset":
+    files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not files:
+        raise BadDataError(
+            f"{pattern} matches no files; check the pattern (quote it so the shell "
+            "does not expand it) or pass a file or directory instead."
+        )
+    kinds = {_file_kind(f) for f in files}
+    if len(kinds) > 1:
+        raise BadDataError(
+            f"{pattern} matches files of different types ({', '.join(sorted(kinds))}); "
+            "narrow the pattern so every match has the same type, e.g. `*.parquet`."
+        )
+    return _read_files(pattern, files, kinds.pop())
+
+
+def _read_directory(
+    path: str, *, split: str | None, subset: str | None
+) -> "datasets.Dataset":
+    is_dict = os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    is_single = os.path.isfile(os.path.join(path, "state.json"))
+    if is_dict or is_single:
+        if subset is not None:
+            _reject_split_subset(path, None, subset)
+        return _read_saved(path, split=split)
+    _reject_split_subset(path, split, subset)
+    # `**` skips dot-files, which also keeps our own `.name.tmp-PID` litter out.
+    files = sorted(
+        p
+        for p in glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"), recursive=True)
+        if os.path.isfile(p)
+    )
+    if not files:
+        raise BadDataError(
+            f"{path} is neither a `save_to_disk` directory nor a directory of "
+            f"`.parquet` files; pass a file, a glob such as `{os.path.join(path, '*.jsonl')}`, "
+            "or such a directory."
+        )
+    return _read_files(path, files, "parquet")
+
+
+def _read_saved(path: str, *, split: str | None) -> "datasets.Dataset":
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means an unusable directory
+        raise BadDataError(
+            f"{path} looks like a `save_to_disk` directory but cannot be loaded "
+            f"({_reason(exc)}); re-create it with `save_to_disk`."
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        names = list(loaded.keys())
+        if split is None:
+            if len(names) == 1:
+                return loaded[names[0]]
+            raise BadFlagError(
+                f"{path} holds several splits; pass `--split NAME`; available splits: "
+                f"{', '.join(names)}."
+            )
+        if split not in loaded:
+            raise BadFlagError(
+                f"{path} has no split `{split}`; pass `--split NAME`; available splits: "
+                f"{', '.join(names)}."
+            )
+        return loaded[split]
+    if split is not None:
+        raise BadFlagError(
+            f"`--split {split}` does not apply to {path}: it holds a single dataset, "
+            "not a DatasetDict, so drop `--split`."
+        )
+    return loaded
+
+
+def _read_hub(source: str, *, split: str | None, subset: str | None) -> "datasets.Dataset":
+    import datasets
+
+    logger.info("no local path %s; loading it as a Hub dataset", source)
+    try:
+        return datasets.load_dataset(source, subset, split=split or "train")
+    except Exception as exc:  # noqa: BLE001 - network, auth, config and split errors alike
+        raise BadDataError(
+            f"{source} is not a local file or directory, and loading it as a Hub "
+            f"dataset failed ({_reason(exc)}); check the path, or the Hub id, "
+            "`--subset` and `--split`."
+        ) from exc
+
+
+def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
+    """Validates local files cheaply, then loads them with a datasets loader."""
+    import datasets
+
+    for path in files:
+        if kind == "json":
+            _validate_json_file(path)
+        elif kind != "parquet" and not os.access(path, os.R_OK):
+            raise BadDataError(f"cannot read {path}: permission denied; check its permissions.")
+    if kind == "parquet":
+        # The datasets parquet loader fails on a zero-row file ("BatchSize
+        # must be greater than 0"), so leave such files out up front.
+        files = [path for path in files if _parquet_row_count(path) > 0]
+        if not files:
+            raise BadDataError(f"{label} holds no rows; it needs at least one example.")
+    try:
+        return datasets.load_dataset(
+            kind, data_files=[os.path.abspath(f) for f in files], split="train"
+        )
+    except Exception as exc:  # noqa: BLE001 - DatasetGenerationError, pandas, arrow...
+        # StopIteration comes from the json loader on a file without records,
+        # "corresponds to no data" from e.g. a CSV holding only a header.
+        if isinstance(exc, StopIteration) or "corresponds to no data" in str(exc):
+            raise BadDataError(f"{label} holds no rows; it needs at least one example.") from exc
+        raise BadDataError(
+            f"{label} could not be read as {kind} ({_reason(exc)}); fix the file or "
+            f"convert it to one of {_INPUT_HELP}."
+        ) from exc
+
+
+def _parquet_row_count(path: str) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Reading only the footer is cheap and names the bad file, which the
+    # datasets loader's error for a list of files does not.
+    try:
+        with pq.ParquetFile(path) as pf:
+            rows = pf.metadata.num_rows
+    except (pa.ArrowException, OSError) as exc:
+        raise BadDataError(
+            f"{path} is not a readable parquet file ({_reason(exc)}); re-export it as parquet."
+        ) from exc
+    if rows == 0:
+        logger.debug("skipping %s: it holds no rows", path)
+    return rows
+
+
+class _ColumnTypes:
+    """Remembers the JSON type of each top-level key to report mixed columns."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.first: dict[str, tuple[str, str]] = {}
+
+    def check(self, record: dict[str, Any], where: str) -> None:
+        for key, value in record.items():
+            kind = _json_kind(value)
+            if kind is None:
+                continue
+            seen = self.first.setdefault(key, (kind, where))
+            if seen[0] != kind:
+                # datasets 5 would quietly turn such a column into opaque JSON
+                # values; code expecting text or a message list would then
+                # break far from the cause, so stop here and point at the rows.
+                raise BadDataError(
+                    f"{self.path}: column `{key}` mixes value types ({seen[0]} on "
+                    f"{seen[1]}, {kind} on {where}); make every row hold the same type "
+                    "in that column."
+                )
+
+
+def _json_kind(value: Any) -> str | None:
+    if value is None:
+        return None  # nulls are compatible with every type
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"  # Arrow widens int to float, so these mix fine
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "an object"
+
+
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _validate_json_file(path: str) -> None:
+    """Streams a JSON/JSONL file once so errors can name the exact line."""
+    try:
+        with _open_binary(path) as fh:
+            head = fh.read(4096)
+    except FileNotFoundError as exc:
+        raise BadDataError(f"{path}: no such file or directory.") from exc
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BadDataError(
+            f"{path} is truncated or not a valid gzip file ({_reason(exc)}); "
+            "re-download or re-compress it."
+        ) from exc
+    except OSError as exc:
+        raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
+    if head.startswith(_GZIP_MAGIC):
+        raise BadDataError(
+            f"{path} is gzip-compressed but its name does not end in `.gz`; rename it "
+            "to end in `.jsonl.gz` or `.json.gz`."
+        )
+    stripped = head.lstrip()
+    if path.lower().endswith((".json", ".json.gz")) and stripped.startswith(b"["):
+        _validate_json_array(path)
+    else:
+        _validate_json_lines(path)
+
+
+def _validate_json_lines(path: str) -> None:
+    columns = _ColumnTypes(path)
+    rows = 0
+    line_no = 0
+    try:
+        with _open_binary(path) as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                if not raw.strip():
+                    continue  # blank lines are skipped by the loader too
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise BadDataError(
+                        f"{path} line {line_no} is not valid UTF-8 (byte "
+                        f"0x{raw[exc.start]:02x} at offset {exc.start}); re-save the "
+                        "file as UTF-8."
+                    ) from exc
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise BadDataError(
+                        f"{path} line {line_no} is not valid JSON: {exc.msg} (column "
+                        f"{exc.colno}); fix or remove that line, since each line must "
+                        "hold one JSON object."
+                    ) from exc
+                if not isinstance(record, dict):
+                    raise BadDataError(
+                        f"{path} line {line_no} holds {_json_kind(record) or 'null'} "
+                        "where a JSON object is expected; each line must be one object "
+                        'such as {"chosen": ..., "rejected": ...}.'
+                    )
+                columns.check(record, f"line {line_no}")
+                rows += 1
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BadDataError(
+            f"{path} is truncated or not a valid gzip file (failed after line "
+            f"{line_no}: {_reason(exc)}); re-download or re-compress it."
+        ) from exc
+    except OSError as exc:
+        raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
+    if rows == 0:
+        raise BadDataError(
+            f"{path} holds no rows; it needs at least one JSON object per line."
+        )
+
+
+def _validate_json_array(path: str) -> None:
+    # A JSON array cannot be streamed with the standard library; the datasets
+    # loader parses the whole file into memory as well, so this costs no more
+    # peak memory than the load itself.
+    try:
+        with _open_binary(path) as fh:
+            data = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BadDataError(
+            f"{path} is truncated or not a valid gzip file ({_reason(exc)}); "
+            "re-download or re-compress it."
+        ) from exc
+    except OSError as exc:
+        raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise BadDataError(
+            f"{path} line {line_no} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
+            "re-save the file as UTF-8."
+        ) from exc
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadDataError(
+            f"{path} line {exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}); "
+            "fix the file so it holds one JSON array of objects."
+        ) from exc
+    if not isinstance(items, list) or not items:
+        raise BadDataError(
+            f"{path} holds no rows; a `.json` file must hold a non-empty JSON array of "
+            "objects, or one JSON object per line."
+        )
+    columns = _ColumnTypes(path)
+    for number, item in enumerate(items, start=1):
+        if not isinstance(item, dict):
+            raise BadDataError(
+                f"{path} array element {number} holds {_json_kind(item) or 'null'} where "
+                "a JSON object is expected; every element must be an object."
+            )
+        columns.check(item, f"array element {number}")
+
+
+def _reason(exc: BaseException) -> str:
+    """Returns the most specific one-line reason from an exception chain."""
+    # DatasetGenerationError only says "An error occurred"; the useful text
+    # sits in the innermost explicit cause.
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# --------------------------------------------------------------------------
+# Output paths and atomic writes
+# --------------------------------------------------------------------------
+
+
+def output_kind(path: str) -> str:
+    """Returns how :func:`write_dataset` would write ``path``.
+
+    Returns:
+        "parquet", "jsonl" or "disk" (a ``save_to_disk`` directory).
+
+    Raises:
+        BadFlagError: The extension is not one write_dataset supports.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return "disk"
+    ext = os.path.splitext(os.path.basename(os.path.normpath(path)))[1].lower()
+    if ext == ".parquet":
+        return "parquet"
+    if ext == ".jsonl":
+        return "jsonl"
+    if ext == "":
+        return "disk"
+    raise BadFlagError(
+        f"`--output` {path} has the unsupported extension `{ext}`; use {_OUTPUT_HELP}."
+    )
+
+
+def check_output_path(output: str, *, inputs: list[str], overwrite: bool) -> None:
+    """Refuses outputs that would clobber an input or an existing file.
+
+    Args:
+        output: Where results will be written.
+        inputs: Input sources (files, directories, globs or Hub ids).
+        overwrite: Whether an existing ``output`` may be replaced.
+
+    Raises:
+        BadFlagError: ``output`` is an input, lies inside an input directory,
+            contains an input, exists without ``overwrite``, or its parent
+            directory does not exist.
+    """
+    output = os.fspath(output)
+    out_real = os.path.realpath(output)
+    out_is_dir = os.path.isdir(out_real)
+    for source in inputs:
+        for local in _local_paths(os.fspath(source)):
+            real = os.path.realpath(local)
+            if real == out_real:
+                raise BadFlagError(
+                    f"`--output` {output} is the same path as the input {local}; choose "
+                    "a different `--output` so the input is not overwritten."
+                )
+            if os.path.isdir(real) and _is_within(out_real, real):
+                raise BadFlagError(
+                    f"`--output` {output} lies inside the input directory {local}; choose "
+                    "an `--output` outside it so the input is not modified."
+                )
+            if out_is_dir and _is_within(real, out_real):
+                # Replacing the output directory would delete the input with it.
+                raise BadFlagError(
+                    f"`--output` {output} is a directory that contains the input {local}; "
+                    "choose a different `--output`."
+                )
+    if os.path.lexists(output) and not overwrite:
+        raise BadFlagError(f"{output} exists; pass `--overwrite` to replace it.")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent):
+        raise BadFlagError(
+            f"the directory {parent} for `--output` {output} does not exist; create it "
+            "first or choose another `--output`."
+        )
+
+
+def _local_paths(source: str) -> list[str]:
+    if os.path.lexists(source):
+        return [source]
+    if _GLOB_CHARS & set(source):
+        return glob.glob(source, recursive=True)
+    return []  # a Hub id cannot collide with a local output
+
+
+def _is_within(path: str, directory: str) -> bool:
+    try:
+        return os.path.commonpath([path, directory]) == directory
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def _sibling(path: str, tag: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}")
+
+
+def _remove(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _fsync_tree(path: str) -> None:
+    # Without fsync a power loss right after the rename can leave an empty
+    # file at the target on some file systems, which is the half-written
+    # result atomic writes exist to prevent.
+    if os.path.isdir(path):
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                _fsync_file(os.path.join(root, name))
+            _fsync_file(root)
+    else:
+        _fsync_file(path)
+
+
+def _fsync_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # some platforms cannot open directories; durability is best effort
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: str, target: str) -> None:
+    if os.path.isdir(tmp) or (os.path.isdir(target) and not os.path.islink(target)):
+        # os.replace cannot swap a directory for a non-empty one, so the old
+        # output steps aside first and is deleted only once the new one is in.
+        aside = None
+        if os.path.lexists(target):
+            aside = _sibling(target, "old")
+            _remove(aside)
+            os.replace(target, aside)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside, target)
+            raise
+        if aside is not None:
+            _remove(aside)
+    else:
+        os.replace(tmp, target)
+    _fsync_file(os.path.dirname(target))
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yields a temporary sibling path that replaces ``path`` on success.
+
+    The body writes a file or a directory at the yielded path. On normal exit
+    it is renamed onto ``path`` (replacing what was there); on an exception it
+    is removed and ``path`` is left untouched.
+
+    Args:
+        path: The final location of the file or directory.
+
+    Yields:
+        ``.{name}.tmp-<pid>`` in the same directory, so the rename stays on
+        one file system and is atomic.
+    """
+    target = os.path.abspath(os.fspath(path))
+    tmp = _sibling(target, "tmp")
+    _remove(tmp)  # left behind by a killed run that had the same pid
+    try:
+        yield tmp
+        if not os.path.lexists(tmp):
+            raise RuntimeError(f"atomic_path body wrote nothing at {tmp}")
+        _fsync_tree(tmp)
+        _commit(tmp, target)
+    finally:
+        try:
+            _remove(tmp)  # a no-op after a successful commit
+        except OSError as exc:
+            logger.warning("could not remove temporary %s: %s", tmp, exc)
+
+
+def write_dataset(ds: "datasets.Dataset", path: str, *, overwrite: bool = False) -> None:
+    """Writes a dataset atomically as parquet, JSON lines or a saved directory.
+
+    Args:
+        ds: The dataset to write.
+        path: ``*.parquet``, ``*.jsonl``, or a path without extension (or an
+            existing directory) for ``save_to_disk``.
+        overwrite: Whether an existing ``path`` may be replaced.
+
+    Raises:
+        BadFlagError: Unknown extension, ``path`` exists without
+            ``overwrite``, or its parent directory is missing.
+        ChesFilterError: The file system refused the write.
+    """
+    import datasets
+
+    path = os.fspath(path)
+    kind = output_kind(path)
+    check_output_path(path, inputs=[], overwrite=overwrite)
+    if kind != "disk" and not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"write_dataset can write a {type(ds).__name__} only as a directory")
+    try:
+        with atomic_path(path) as tmp:
+            if kind == "parquet":
+                ds.to_parquet(tmp)
+            elif kind == "jsonl":
+                ds.to_json(tmp, lines=True, force_ascii=False)
+            else:
+                ds.save_to_disk(tmp)
+    except OSError as exc:
+        raise ChesFilterError(f"could not write {path} ({_reason(exc)}).") from exc
+    logger.info("wrote %d rows to %s (%s)", len(ds), path, kind)
+
+
+def write_table(
+    table: "pyarrow.Table",
+    path: str,
+    *,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Writes a pyarrow table atomically as one parquet file.
+
+    Args:
+        table: The table to write.
+        path: Destination parquet file.
+        metadata: JSON-serializable dict stored in the schema metadata under
+            ``b"ches_filter"``; other schema metadata is kept.
+        overwrite: Whether an existing ``path`` may be replaced.
+
+    Raises:
+        BadFlagError: ``path`` exists without ``overwrite`` or its parent is missing.
+        ChesFilterError: The file system refused the write.
+        TypeError: ``metadata`` is not JSON-serializable.
+    """
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    check_output_path(path, inputs=[], overwrite=overwrite)
+    if metadata is not None:
+        try:
+            blob = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"write_table metadata is not JSON-serializable: {exc}") from exc
+        merged = dict(table.schema.metadata or {})
+        merged[METADATA_KEY] = blob
+        table = table.replace_schema_metadata(merged)
+    try:
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+    except OSError as exc:
+        raise ChesFilterError(f"could not write {path} ({_reason(exc)}).") from exc
+    logger.info("wrote table of %d rows to %s", table.num_rows, path)
+
+
+def read_table(path: str) -> tuple["pyarrow.Table", dict]:
+    """Reads a parquet file and the metadata :func:`write_table` stored in it.
+
+    Args:
+        path: A parquet file.
+
+    Returns:
+        The table (memory-mapped) and the ``b"ches_filter"`` metadata dict, or
+        ``{}`` when the file has none.
+
+    Raises:
+        BadDataError: The file is missing, not parquet, or its metadata is corrupt.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise BadDataError(f"{path}: no such file or directory.")
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise BadDataError(
+            f"{path} is not a readable parquet file ({_reason(exc)}); pass a file "
+            "written by ches-filter."
+        ) from exc
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return table, {}
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadDataError(
+            f"{path} has corrupt ches_filter metadata ({exc}); re-create the file."
+        ) from exc
+    if not isinstance(meta, dict):
+        raise BadDataError(
+            f"{path} has ches_filter metadata that is not a JSON object; re-create the file."
+        )
+    return table, meta
