@@ -5,6 +5,12 @@ chunk on a background thread while the model runs on the current one
 (:mod:`batching`, :mod:`engine`), and turns the hidden-state sums into CHES and
 LN-CHES (:mod:`ches`). One output row per input row, in input order; rows that
 cannot be scored keep a named ``status`` instead of disappearing.
+
+:class:`PairScorer` scores any list of contiguous row ranges and hands each
+range back as one Arrow table as soon as it is done, so nothing the size of the
+dataset is ever held in Python lists: :func:`score_pairs` concatenates the
+ranges into one table, :mod:`ches_filter.distributed` writes each range to disk
+as a checkpoint part.
 """
 
 from __future__ import annotations
@@ -14,8 +20,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import __version__
 from .config import ScoreConfig
@@ -24,11 +31,29 @@ from .formats import ROW_STATUSES, Columns, Pair, detect_layout, normalize_row
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_pairs", "SCORE_STATUSES", "input_fingerprint", "SCORE_COLUMNS"]
+__all__ = [
+    "score_pairs",
+    "PairScorer",
+    "SCORE_STATUSES",
+    "SCORE_COLUMNS",
+    "input_fingerprint",
+    "load_input",
+    "table_metadata",
+    "status_counts",
+]
 
 #: Statuses the scorer adds to the per-row ones of :mod:`formats`.
 SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite")
 SCORE_COLUMNS = ("ches", "ln_ches", "prompt_tokens", "chosen_tokens", "rejected_tokens", "status")
+#: Arrow type of each column in :data:`SCORE_COLUMNS` (names of ``pyarrow`` factories).
+_COLUMN_TYPES = {
+    "ches": "float64",
+    "ln_ches": "float64",
+    "prompt_tokens": "int64",
+    "chosen_tokens": "int64",
+    "rejected_tokens": "int64",
+    "status": "string",
+}
 _SAMPLE_ROWS = 100
 
 
@@ -64,6 +89,13 @@ def input_fingerprint(ds: Any, layout: str, columns: Columns, chunk_size: int = 
     return digest.hexdigest()
 
 
+def _source_name(data: Any) -> str | None:
+    """The path or Hub id ``data`` names, or None for in-memory data."""
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
+        return os.fsdecode(data) if not isinstance(data, str) else data
+    return None
+
+
 def load_input(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
     """Open ``data`` (path, ``datasets.Dataset`` or list of dicts) and settle its layout."""
     import datasets
@@ -78,23 +110,31 @@ def load_input(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
         ds = datasets.Dataset.from_list(list(data))
     else:
         ds = read_dataset(str(data), split=config.split, subset=config.subset)
+    source = _source_name(data)
+    where = f"{source}: " if source else ""
     columns = _columns(config)
     if columns.id is not None and columns.id not in ds.column_names:
         raise BadDataError(
-            f"`--id-column` {columns.id!r} is not in the input; available columns: {', '.join(ds.column_names)}"
+            f"{where}`--id-column` {columns.id!r} is not in the input; available columns: {', '.join(ds.column_names)}"
         )
     if config.input_format is not None:
         layout = config.input_format
-        missing = [c for c in _used_columns(layout, columns, ds.column_names + [columns.prompt]) if c not in ds.column_names]
+        required = [columns.chosen, columns.rejected] + ([columns.prompt] if layout.startswith("explicit") else [])
+        missing = [c for c in required if c not in ds.column_names]
         if missing:
             raise BadDataError(
-                f"`--input-format {layout}` needs column(s) {', '.join(missing)}, which the input lacks; "
+                f"{where}`--input-format {layout}` needs column(s) {', '.join(missing)}, which the input lacks; "
                 f"available columns: {', '.join(ds.column_names)}; map them with `--prompt-column`, "
                 "`--chosen-column`, `--rejected-column`"
             )
     else:
         sample = ds.select(range(min(_SAMPLE_ROWS, len(ds)))).to_list()
-        layout = detect_layout(list(ds.column_names), sample, columns)
+        try:
+            layout = detect_layout(list(ds.column_names), sample, columns)
+        except BadDataError as exc:
+            # Name the file: with several inputs in a pipeline, "column 'chosen'
+            # not found" alone does not say which one.
+            raise BadDataError(f"{where}{exc}") from None
     logger.info("input: %d rows, layout %s", len(ds), layout)
     return ds, layout, columns
 
@@ -104,7 +144,6 @@ class _Prepared:
     start: int
     statuses: list[str]
     encoded: list[Any]  # EncodedPair or None
-    ids: list[Any] | None
 
 
 def _prepare(start: int, chunk: dict, layout: str, columns: Columns, encoder: Any, max_length: int) -> _Prepared:
@@ -130,8 +169,7 @@ def _prepare(start: int, chunk: dict, layout: str, columns: Columns, encoder: An
                     status = "identical_responses"
         statuses.append(status)
         encoded.append(enc)
-    ids = chunk.get(columns.id) if columns.id else None
-    return _Prepared(start, statuses, encoded, ids)
+    return _Prepared(start, statuses, encoded)
 
 
 def _prefetch(items: Iterable[Any], fn) -> Iterator[Any]:
@@ -156,6 +194,205 @@ def default_batch_tokens(device: Any) -> int:
     return 65536 if getattr(device, "type", str(device)) == "cuda" else 2048
 
 
+def status_counts(statuses: Any) -> dict[str, int]:
+    """Rows per status of a ``status`` column (Arrow array/chunked array or list), sorted by name."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(statuses, (pa.Array, pa.ChunkedArray)):
+        statuses = pa.array(list(statuses), pa.string())
+    counts = {str(item["values"]): int(item["counts"]) for item in pc.value_counts(statuses).to_pylist()}
+    return dict(sorted(counts.items()))
+
+
+def merge_counts(total: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+    """Add ``more`` into ``total`` (in place) and return it."""
+    for key, value in more.items():
+        total[key] = total.get(key, 0) + int(value)
+    return total
+
+
+class PairScorer:
+    """Everything fixed for one scoring job, and the score loop itself.
+
+    Args:
+        ds: the input as a ``datasets.Dataset`` (memory-mapped Arrow).
+        layout: one of :data:`~ches_filter.formats.LAYOUTS`.
+        columns: which columns hold the pair (and the optional id).
+        config: the :class:`~ches_filter.config.ScoreConfig`.
+        model: a loaded :class:`~ches_filter.model.LoadedModel`.
+
+    Raises:
+        BadDataError: the input is conversational but no chat template can be used.
+    """
+
+    def __init__(self, ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any) -> None:
+        from .batching import PairEncoder
+        from .engine import Engine
+
+        self.ds, self.layout, self.columns, self.config, self.model = ds, layout, columns, config, model
+        self.encoder = PairEncoder(model.tokenizer, use_chat_template=not config.no_chat_template)
+        if not self.encoder.use_chat_template and layout.endswith("conversational"):
+            why = "`--no-chat-template` was given" if config.no_chat_template else "the model's tokenizer has no chat template"
+            raise BadDataError(
+                f"the input is {layout} but {why}; conversational prompts need a chat template: use a model "
+                "that has one, or give `prompt`/`chosen`/`rejected` as plain strings"
+            )
+        self.max_length = config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
+        pad_id = model.tokenizer.pad_token_id
+        self.engine = Engine(
+            model.decoder,
+            model.device,
+            strategy=config.engine,
+            max_batch_tokens=config.max_batch_tokens or default_batch_tokens(model.device),
+            max_batch_size=config.max_batch_size,
+            pad_token_id=pad_id if pad_id is not None else model.tokenizer.eos_token_id,
+        )
+        self.names = _used_columns(layout, columns, ds.column_names)
+        self.read_names = self.names + ([columns.id] if columns.id and columns.id not in self.names else [])
+        self.schema = self._schema()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ds)
+
+    def _schema(self) -> Any:
+        import pyarrow as pa
+
+        fields = [pa.field("row_index", pa.int64())]
+        if self.columns.id:
+            # The dataset's own Arrow type, so every part of a sharded run agrees
+            # even when one part holds only nulls.
+            fields.append(pa.field(self.columns.id, self.ds.data.schema.field(self.columns.id).type))
+        fields += [pa.field(name, getattr(pa, _COLUMN_TYPES[name])()) for name in SCORE_COLUMNS]
+        return pa.schema(fields)
+
+    def metadata(self, *, data: Any, fingerprint: str, counts: dict[str, int]) -> dict:
+        """The ``ches_filter`` metadata dict of a score table (see :func:`table_metadata`)."""
+        return {
+            "ches_filter_version": __version__,
+            "model": self.model.info,
+            "engine": self.engine.strategy,
+            "input_format": self.layout,
+            "token_layout": "paper",
+            "use_chat_template": self.encoder.use_chat_template,
+            "columns": dataclasses.asdict(self.columns),
+            "input": _source_name(data),
+            "input_fingerprint": fingerprint,
+            "num_rows": self.num_rows,
+            "max_length": self.max_length,
+            "counts": dict(sorted(counts.items())),
+        }
+
+    def _chunks(self, ranges: Sequence[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
+        size = self.config.chunk_size
+        for first, stop in ranges:
+            for start in range(first, stop, size):
+                yield start, view[start : min(start + size, stop)]
+
+    def score_ranges(
+        self,
+        ranges: Sequence[tuple[int, int]],
+        *,
+        on_chunk: Callable[[int, dict, int], None] | None = None,
+    ) -> Iterator[tuple[int, int, Any]]:
+        """Score contiguous row ranges; yield ``(start, stop, table)`` for each, in order.
+
+        A range is cut into chunks of ``config.chunk_size`` rows starting at
+        its first row, so a range always splits the same way however the job
+        is sharded or resumed: the pairs batched together, and so the scores
+        to the last bit, depend only on the range. Tokenisation runs one chunk
+        ahead across range boundaries.
+
+        Args:
+            ranges: ``(start, stop)`` row ranges, half open; empty ones are skipped.
+            on_chunk: called as ``on_chunk(start, chunk, rows)`` after each chunk
+                (``chunk`` maps the read column names to Python lists).
+        """
+        import pyarrow as pa
+
+        view = self.ds.select_columns(self.read_names)
+        layout, columns, encoder, max_length = self.layout, self.columns, self.encoder, self.max_length
+        pending_ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        batches: list[Any] = []
+
+        def prepare(start: int, chunk: dict) -> tuple[_Prepared, dict]:
+            return _prepare(start, chunk, layout, columns, encoder, max_length), chunk
+
+        range_index = 0
+        for prepared, chunk in _prefetch(self._chunks(pending_ranges, view), prepare):
+            batches.append(self._score_chunk(prepared, chunk))
+            rows = len(prepared.statuses)
+            if on_chunk is not None:
+                on_chunk(prepared.start, chunk, rows)
+            first, stop = pending_ranges[range_index]
+            if prepared.start + rows == stop:
+                yield first, stop, pa.Table.from_batches(batches, schema=self.schema)
+                batches = []
+                range_index += 1
+        if range_index != len(pending_ranges):  # a chunk reader that returned short would land here
+            raise RuntimeError(f"rows {pending_ranges[range_index]} were not scored")
+
+    def _score_chunk(self, prepared: _Prepared, chunk: dict) -> Any:
+        """One chunk's rows as an Arrow record batch of :attr:`schema`."""
+        import pyarrow as pa
+        import torch
+
+        from .ches import ches_from_sums, ln_ches_from_sums
+
+        n = len(prepared.statuses)
+        ok = [i for i, enc in enumerate(prepared.encoded) if enc is not None and prepared.statuses[i] == "ok"]
+        ches: list[float | None] = [None] * n
+        ln_ches: list[float | None] = [None] * n
+        for i, status in enumerate(prepared.statuses):
+            if status == "identical_responses":
+                # S+ == S- exactly, so both scores are exactly 0; the packed
+                # branches would only add float noise, so they are not run.
+                ches[i] = ln_ches[i] = 0.0
+        if ok:
+            states = self.engine.run([prepared.encoded[i] for i in ok])
+            n_c = torch.tensor([len(prepared.encoded[i].chosen) for i in ok])
+            n_r = torch.tensor([len(prepared.encoded[i].rejected) for i in ok])
+            c_values = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
+            l_values = ln_ches_from_sums(states.s_chosen, states.s_rejected, n_c, n_r).tolist()
+            for j, i in enumerate(ok):
+                if math.isfinite(c_values[j]) and math.isfinite(l_values[j]):
+                    ches[i], ln_ches[i] = c_values[j], l_values[j]
+                else:
+                    prepared.statuses[i] = "non_finite"
+        encoded = prepared.encoded
+        out: dict[str, list] = {
+            "row_index": list(range(prepared.start, prepared.start + n)),
+            "ches": ches,
+            "ln_ches": ln_ches,
+            "prompt_tokens": [len(e.prompt) if e else None for e in encoded],
+            "chosen_tokens": [len(e.chosen) if e else None for e in encoded],
+            "rejected_tokens": [len(e.rejected) if e else None for e in encoded],
+            "status": prepared.statuses,
+        }
+        if self.columns.id:
+            out[self.columns.id] = chunk[self.columns.id]
+        arrays = [pa.array(out[field.name], field.type) for field in self.schema]
+        return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
+
+
+def build_scorer(ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any = None) -> PairScorer:
+    """Load the model ``config`` names (unless given) and build a :class:`PairScorer`."""
+    if model is None:
+        from .model import load_model
+
+        model = load_model(
+            config.model,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            dtype=config.dtype,
+            device=config.device,
+            attn_implementation=config.attn_implementation,
+            device_map=config.device_map,
+        )
+    return PairScorer(ds, layout, columns, config, model)
+
+
 def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = None, progress: bool | None = None, **overrides: Any):
     """Score every pair of a preference dataset.
 
@@ -173,115 +410,30 @@ def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = No
         ``row_index``, the id column if configured, ``ches``, ``ln_ches``,
         ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
         Its schema metadata (key ``ches_filter``) records model, layout and counts.
+        For datasets larger than memory, or to resume after a crash, use
+        :func:`ches_filter.distributed.score_to_file`.
     """
     import pyarrow as pa
-    import torch
     from tqdm.auto import tqdm
-
-    from .batching import PairEncoder
-    from .ches import ches_from_sums, ln_ches_from_sums
-    from .engine import Engine
-    from .model import load_model
 
     config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
     ds, layout, columns = load_input(data, config)
-    if model is None:
-        model = load_model(
-            config.model,
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            dtype=config.dtype,
-            device=config.device,
-            attn_implementation=config.attn_implementation,
-            device_map=config.device_map,
-        )
-    encoder = PairEncoder(model.tokenizer, use_chat_template=not config.no_chat_template)
-    if not encoder.use_chat_template and layout.endswith("conversational"):
-        why = "`--no-chat-template` was given" if config.no_chat_template else "the model's tokenizer has no chat template"
-        raise BadDataError(
-            f"the input is {layout} but {why}; conversational prompts need a chat template: use a model "
-            "that has one, or give `prompt`/`chosen`/`rejected` as plain strings"
-        )
-    max_length = config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
-    pad_id = model.tokenizer.pad_token_id
-    engine = Engine(
-        model.decoder,
-        model.device,
-        strategy=config.engine,
-        max_batch_tokens=config.max_batch_tokens or default_batch_tokens(model.device),
-        max_batch_size=config.max_batch_size,
-        pad_token_id=pad_id if pad_id is not None else model.tokenizer.eos_token_id,
-    )
-    names = _used_columns(layout, columns, ds.column_names)
-    read_names = names + ([columns.id] if columns.id and columns.id not in names else [])
+    scorer = build_scorer(ds, layout, columns, config, model)
     digest = hashlib.sha256()
-    out: dict[str, list] = {name: [] for name in ("row_index", "id") + SCORE_COLUMNS}
     show = (not config.quiet) if progress is None else progress
     bar = tqdm(total=len(ds), unit="pair", disable=not show, desc="scoring", dynamic_ncols=True)
 
-    def prepare(start: int, chunk: dict) -> tuple[_Prepared, dict]:
-        return _prepare(start, chunk, layout, columns, encoder, max_length), chunk
+    def on_chunk(start: int, chunk: dict, rows: int) -> None:
+        _hash_rows(digest, chunk, scorer.names)
+        bar.update(rows)
 
-    for prepared, chunk in _prefetch(_iter_chunks(ds, read_names, config.chunk_size), prepare):
-        _hash_rows(digest, chunk, names)
-        ok = [i for i, enc in enumerate(prepared.encoded) if enc is not None and prepared.statuses[i] in ("ok", "identical_responses")]
-        ches = [None] * len(prepared.statuses)
-        ln_ches = [None] * len(prepared.statuses)
-        if ok:
-            states = engine.run([prepared.encoded[i] for i in ok])
-            n_c = torch.tensor([len(prepared.encoded[i].chosen) for i in ok])
-            n_r = torch.tensor([len(prepared.encoded[i].rejected) for i in ok])
-            c_values = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
-            l_values = ln_ches_from_sums(states.s_chosen, states.s_rejected, n_c, n_r).tolist()
-            for j, i in enumerate(ok):
-                if math.isfinite(c_values[j]) and math.isfinite(l_values[j]):
-                    ches[i], ln_ches[i] = c_values[j], l_values[j]
-                else:
-                    prepared.statuses[i] = "non_finite"
-        for i, status in enumerate(prepared.statuses):
-            enc = prepared.encoded[i]
-            out["row_index"].append(prepared.start + i)
-            out["ches"].append(ches[i])
-            out["ln_ches"].append(ln_ches[i])
-            out["prompt_tokens"].append(len(enc.prompt) if enc else None)
-            out["chosen_tokens"].append(len(enc.chosen) if enc else None)
-            out["rejected_tokens"].append(len(enc.rejected) if enc else None)
-            out["status"].append(status)
-        if prepared.ids is not None:
-            out["id"].extend(prepared.ids)
-        bar.update(len(prepared.statuses))
+    tables = [table for _, _, table in scorer.score_ranges([(0, len(ds))], on_chunk=on_chunk)]
     bar.close()
-
-    counts: dict[str, int] = {}
-    for status in out["status"]:
-        counts[status] = counts.get(status, 0) + 1
-    fields = [pa.field("row_index", pa.int64())]
-    arrays = [pa.array(out["row_index"], pa.int64())]
-    if columns.id:
-        id_array = pa.array(out["id"]) if out["id"] else pa.array([], pa.string())
-        fields.append(pa.field(columns.id, id_array.type))
-        arrays.append(id_array)
-    for name, typ in (("ches", pa.float64()), ("ln_ches", pa.float64()), ("prompt_tokens", pa.int64()),
-                      ("chosen_tokens", pa.int64()), ("rejected_tokens", pa.int64()), ("status", pa.string())):
-        fields.append(pa.field(name, typ))
-        arrays.append(pa.array(out[name], typ))
-    metadata = {
-        "ches_filter_version": __version__,
-        "model": model.info,
-        "engine": engine.strategy,
-        "input_format": layout,
-        "token_layout": "paper",
-        "use_chat_template": encoder.use_chat_template,
-        "columns": dataclasses.asdict(columns),
-        "input": None if not isinstance(data, (str, bytes)) and not hasattr(data, "__fspath__") else str(data),
-        "input_fingerprint": digest.hexdigest(),
-        "num_rows": len(ds),
-        "max_length": max_length,
-        "counts": counts,
-    }
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    table = pa.concat_tables(tables) if tables else scorer.schema.empty_table()
+    counts = status_counts(table.column("status"))
+    metadata = scorer.metadata(data=data, fingerprint=digest.hexdigest(), counts=counts)
     table = table.replace_schema_metadata({b"ches_filter": json.dumps(metadata).encode()})
-    logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), len(ds), ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), len(ds), ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return table
 
 

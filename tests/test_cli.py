@@ -1,0 +1,111 @@
+"""The CLI: help for every command, exit codes and one-line errors for bad flags and bad data."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from ches_filter.cli import main
+
+from conftest import EXAMPLE_HH
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_top_level_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    assert "score" in result.output and "prune" in result.output
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_has_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and command in result.output
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from ches_filter.cli import main\n"
+        "for cmd in ([], *[[c] for c in main.commands]):\n"
+        "    assert CliRunner().invoke(main, [*cmd, '--help']).exit_code == 0\n"
+        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == []
+
+
+def test_python_dash_m_works():
+    out = subprocess.run([sys.executable, "-m", "ches_filter", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "ches-filter" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["prune", EXAMPLE_HH, "-o", "OUT.parquet", "--keep", "1.5"], "--keep"),
+        (["prune", EXAMPLE_HH, "-o", "OUT.parquet"], "exactly one"),
+        (["prune", EXAMPLE_HH, "-o", "OUT.parquet", "--keep", "0.9", "--keep-count", "3"], "exactly one"),
+        (["prune", EXAMPLE_HH, "-o", "OUT.parquet", "--keep", "0.9", "--by", "nope"], "nope"),
+        (["score", EXAMPLE_HH, "-o", "OUT.parquet", "--dtype", "float8"], "float8"),
+        (["score", EXAMPLE_HH, "-o", "OUT.parquet", "--max-batch-tokens", "0"], "--max-batch-tokens"),
+        (["score", EXAMPLE_HH, "-o", "OUT.csv"], ".parquet"),
+        (["score", EXAMPLE_HH, "-o", "OUT.parquet", "--chosen-column", "x", "--rejected-column", "x"], "different"),
+        (["prune", EXAMPLE_HH, "-o", "OUT.txt", "--keep", "0.9"], ".txt"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(tmp_path, args, message):
+    args = [a.replace("OUT", str(tmp_path / "out")) if isinstance(a, str) else a for a in args]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_output_equal_to_input_is_refused(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(EXAMPLE_HH.read_text().splitlines()[0] + "\n")
+    result = invoke("prune", data, "-o", data, "--keep", "0.9", "--overwrite")
+    assert result.exit_code == 2 and "input" in result.output.lower()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "scores.parquet"
+    out.write_bytes(b"x")
+    result = invoke("score", EXAMPLE_HH, "-o", out)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert out.read_bytes() == b"x"
+
+
+def test_missing_file_exits_1(tmp_path):
+    result = invoke("score", tmp_path / "nope.jsonl", "-o", tmp_path / "s.parquet")
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "Traceback" not in result.output
+
+
+def test_missing_columns_name_the_available_ones_and_the_flag(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "q", "good": "a", "bad": "b"}) + "\n")
+    result = invoke("score", data, "-o", tmp_path / "s.parquet", "--model", "unused")
+    assert result.exit_code == 1
+    assert "question" in result.output and "--chosen-column" in result.output
+
+
+def test_malformed_jsonl_names_the_line(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
+    result = invoke("score", data, "-o", tmp_path / "s.parquet")
+    assert result.exit_code == 1 and "line 2" in result.output
+
+
+def test_unknown_model_path_exits_1(tmp_path):
+    result = invoke("score", EXAMPLE_HH, "-o", tmp_path / "s.parquet", "--model", tmp_path / "no-such-model")
+    assert result.exit_code == 1, result.output
+    assert "--model" in result.output and "Traceback" not in result.output
