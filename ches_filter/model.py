@@ -290,6 +290,8 @@ def load_model(
         attn_implementation=attn_implementation,
         chat_template_sha256=_chat_template_sha(tokenizer),
         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+        # The Hub commit actually loaded, so a moving branch is still reproducible.
+        commit_hash=getattr(config, "_commit_hash", None),
     )
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise BadDataError(f"the tokenizer of {info['model']} has no EOS token; CHES needs one to end each response")
