@@ -90,3 +90,15 @@ def tiny_model_dir(tmp_path_factory, embedded):
     LlamaForCausalLM(config).save_pretrained(path)
     embedded.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _reset_cli_logging():
+    """The CLI installs its own handler and stops propagation; undo it so caplog sees records."""
+    import logging
+
+    yield
+    log = logging.getLogger("ches_filter")
+    log.handlers[:] = []
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
