@@ -49,6 +49,8 @@ SCORE_COLUMNS = ("ches", "ln_ches", "prompt_tokens", "chosen_tokens", "rejected_
 _COLUMN_TYPES = {
     "ches": "float64",
     "ln_ches": "float64",
+    "last_hidden_ip": "float64",
+    "edit_distance": "float64",
     "prompt_tokens": "int64",
     "chosen_tokens": "int64",
     "rejected_tokens": "int64",
@@ -76,8 +78,55 @@ def _hash_rows(digest: "hashlib._Hash", chunk: dict, names: list[str]) -> None:
 
 def _iter_chunks(ds: Any, names: list[str], chunk_size: int) -> Iterator[tuple[int, dict]]:
     view = ds.select_columns(names)
+    release = _PageReleaser(ds)
     for start in range(0, len(view), chunk_size):
-        yield start, view[start : start + chunk_size]
+        chunk = view[start : start + chunk_size]
+        release()
+        yield start, chunk
+
+
+class _PageReleaser:
+    """Drop this process's resident pages of a dataset's memory-mapped Arrow files.
+
+    Every page of a memory-mapped file that the reader touches stays in the
+    process's resident set until the kernel needs the memory, so reading a
+    5 GB dataset front to back shows a 5 GB RSS: reclaimable, but schedulers
+    that police RSS (Slurm's accounting, some container runtimes) kill the job
+    for it. Once a chunk has been copied out, ``madvise(MADV_DONTNEED)`` on the
+    file's mappings unmaps the pages; a later read faults them back in from
+    the page cache. File-backed mappings only, so no data is ever discarded;
+    Linux only, a no-op elsewhere.
+    """
+
+    _MADV_DONTNEED = 4
+
+    def __init__(self, ds: Any) -> None:
+        files = [f.get("filename") for f in getattr(ds, "cache_files", None) or []]
+        self.files = {os.path.realpath(f) for f in files if f}
+        self.madvise = None
+        if self.files and os.path.exists("/proc/self/maps"):
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+                self.madvise = libc.madvise
+            except (OSError, AttributeError):
+                self.madvise = None
+
+    def __call__(self) -> None:
+        if self.madvise is None:
+            return
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
+                lines = handle.readlines()
+        except OSError:
+            return
+        for line in lines:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() in self.files:
+                start, stop = (int(x, 16) for x in fields[0].split("-"))
+                self.madvise(start, stop - start, self._MADV_DONTNEED)
 
 
 def input_fingerprint(ds: Any, layout: str, columns: Columns, chunk_size: int = 4096) -> str:
@@ -231,7 +280,9 @@ class PairScorer:
         from .engine import Engine
 
         self.ds, self.layout, self.columns, self.config, self.model = ds, layout, columns, config, model
-        self.encoder = PairEncoder(model.tokenizer, use_chat_template=not config.no_chat_template)
+        self.encoder = PairEncoder(
+            model.tokenizer, use_chat_template=not config.no_chat_template, layout=config.layout, input_format=layout
+        )
         if not self.encoder.use_chat_template and layout.endswith("conversational"):
             why = "`--no-chat-template` was given" if config.no_chat_template else "the model's tokenizer has no chat template"
             raise BadDataError(
@@ -264,7 +315,9 @@ class PairScorer:
             # The dataset's own Arrow type, so every part of a sharded run agrees
             # even when one part holds only nulls.
             fields.append(pa.field(self.columns.id, self.ds.data.schema.field(self.columns.id).type))
-        fields += [pa.field(name, getattr(pa, _COLUMN_TYPES[name])()) for name in SCORE_COLUMNS]
+        # The measures asked for (``--measures``), then the token counts and status.
+        names = self.config.measure_list + ("prompt_tokens", "chosen_tokens", "rejected_tokens", "status")
+        fields += [pa.field(name, getattr(pa, _COLUMN_TYPES[name])()) for name in names]
         return pa.schema(fields)
 
     def metadata(self, *, data: Any, fingerprint: str, counts: dict[str, int]) -> dict:
@@ -274,7 +327,8 @@ class PairScorer:
             "model": self.model.info,
             "engine": self.engine.strategy,
             "input_format": self.layout,
-            "token_layout": "paper",
+            "token_layout": self.config.layout,
+            "measures": list(self.config.measure_list),
             "use_chat_template": self.encoder.use_chat_template,
             "columns": dataclasses.asdict(self.columns),
             "input": _source_name(data),
@@ -286,9 +340,12 @@ class PairScorer:
 
     def _chunks(self, ranges: Sequence[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
         size = self.config.chunk_size
+        release = _PageReleaser(self.ds)
         for first, stop in ranges:
             for start in range(first, stop, size):
-                yield start, view[start : min(start + size, stop)]
+                chunk = view[start : min(start + size, stop)]
+                release()  # the rows are Python objects now; the mapped pages can go
+                yield start, chunk
 
     def score_ranges(
         self,
@@ -339,32 +396,49 @@ class PairScorer:
         import torch
 
         from .ches import ches_from_sums, ln_ches_from_sums
+        from .measures import last_hidden_ip, normalized_edit_distance
 
         n = len(prepared.statuses)
-        ok = [i for i, enc in enumerate(prepared.encoded) if enc is not None and prepared.statuses[i] == "ok"]
-        ches: list[float | None] = [None] * n
-        ln_ches: list[float | None] = [None] * n
-        for i, status in enumerate(prepared.statuses):
-            if status == "identical_responses":
-                # S+ == S- exactly, so both scores are exactly 0; the packed
-                # branches would only add float noise, so they are not run.
-                ches[i] = ln_ches[i] = 0.0
-        if ok:
-            states = self.engine.run([prepared.encoded[i] for i in ok])
-            n_c = torch.tensor([len(prepared.encoded[i].chosen) for i in ok])
-            n_r = torch.tensor([len(prepared.encoded[i].rejected) for i in ok])
-            c_values = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
-            l_values = ln_ches_from_sums(states.s_chosen, states.s_rejected, n_c, n_r).tolist()
-            for j, i in enumerate(ok):
-                if math.isfinite(c_values[j]) and math.isfinite(l_values[j]):
-                    ches[i], ln_ches[i] = c_values[j], l_values[j]
+        encoded = prepared.encoded
+        measures = self.config.measure_list
+        values: dict[str, list[float | None]] = {m: [None] * n for m in measures}
+        ok = [i for i, enc in enumerate(encoded) if enc is not None and prepared.statuses[i] == "ok"]
+        identical = [i for i, status in enumerate(prepared.statuses) if status == "identical_responses"]
+        for i in identical:
+            # S+ == S- exactly, so CHES and LN-CHES are exactly 0; the packed
+            # branches would only add float noise, so they are not used for them.
+            for m in ("ches", "ln_ches", "edit_distance"):
+                if m in values:
+                    values[m][i] = 0.0
+        if "edit_distance" in values:
+            for i in ok:
+                values["edit_distance"][i] = normalized_edit_distance(encoded[i].chosen, encoded[i].rejected)
+        from_states = [m for m in measures if m != "edit_distance"]
+        run = ok + (identical if "last_hidden_ip" in values else []) if from_states else []
+        if run:
+            states = self.engine.run([encoded[i] for i in run])
+            computed: dict[str, list[float]] = {}
+            if "ches" in values:
+                computed["ches"] = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
+            if "ln_ches" in values:
+                n_c = torch.tensor([len(encoded[i].chosen) for i in run])
+                n_r = torch.tensor([len(encoded[i].rejected) for i in run])
+                computed["ln_ches"] = ln_ches_from_sums(states.s_chosen, states.s_rejected, n_c, n_r).tolist()
+            if "last_hidden_ip" in values:
+                computed["last_hidden_ip"] = last_hidden_ip(states.last_chosen, states.last_rejected).tolist()
+            for j, i in enumerate(run):
+                if prepared.statuses[i] == "identical_responses":
+                    values["last_hidden_ip"][i] = computed["last_hidden_ip"][j]
+                elif all(math.isfinite(computed[m][j]) for m in computed):
+                    for m in computed:
+                        values[m][i] = computed[m][j]
                 else:
                     prepared.statuses[i] = "non_finite"
-        encoded = prepared.encoded
+                    if "edit_distance" in values:
+                        values["edit_distance"][i] = None
         out: dict[str, list] = {
             "row_index": list(range(prepared.start, prepared.start + n)),
-            "ches": ches,
-            "ln_ches": ln_ches,
+            **values,
             "prompt_tokens": [len(e.prompt) if e else None for e in encoded],
             "chosen_tokens": [len(e.chosen) if e else None for e in encoded],
             "rejected_tokens": [len(e.rejected) if e else None for e in encoded],
@@ -407,8 +481,8 @@ def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = No
 
     Returns:
         A ``pyarrow.Table`` with one row per input row, in input order:
-        ``row_index``, the id column if configured, ``ches``, ``ln_ches``,
-        ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
+        ``row_index``, the id column if configured, the ``measures``
+        (default ``ches``, ``ln_ches``), ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
         Its schema metadata (key ``ches_filter``) records model, layout and counts.
         For datasets larger than memory, or to resume after a crash, use
         :func:`ches_filter.distributed.score_to_file`.
