@@ -10,6 +10,10 @@ Token layout (identical for both responses of a pair)::
 
 The positions whose hidden state counts are those whose *next* token is a
 response token; see :mod:`ches_filter.engine` for the index diagram.
+
+``--layout trl`` instead takes ``P`` and ``R`` exactly as TRL's ``DPOTrainer``
+tokenizes the pair (:meth:`PairEncoder.encode_trl`): the tokens a user's DPO
+run will actually train on.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from .config import TOKEN_LAYOUTS
 from .errors import BadDataError
 from .formats import Pair
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedPair", "PairEncoder", "token_budget_batches"]
+__all__ = ["EncodedPair", "PairEncoder", "token_budget_batches", "TOKEN_LAYOUTS"]
 
 
 @dataclass(frozen=True)
@@ -70,14 +75,23 @@ class PairEncoder:
         tokenizer: a Hugging Face tokenizer with an EOS token.
         use_chat_template: render prompts with the tokenizer's chat template;
             if False (or the tokenizer has none) use the pair's text form.
-        layout: only ``"paper"`` (response tokens + EOS) today.
+        layout: ``"paper"`` (response tokens + EOS, above) or ``"trl"``
+            (the completion tokens TRL's ``DPOTrainer`` trains on; see
+            :meth:`encode_trl`).
+        input_format: the input's layout (:data:`~ches_filter.formats.LAYOUTS`);
+            ``"trl"`` needs it to split HH-style transcripts as TRL does.
     """
 
-    def __init__(self, tokenizer: Any, *, use_chat_template: bool = True) -> None:
+    def __init__(self, tokenizer: Any, *, use_chat_template: bool = True, layout: str = "paper",
+                 input_format: str | None = None) -> None:
+        if layout not in TOKEN_LAYOUTS:
+            raise ValueError(f"layout must be one of {TOKEN_LAYOUTS}, got {layout!r}")
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = use_chat_template and has_template
+        self.layout = layout
+        self.input_format = input_format
 
     def encode_prompt(self, pair: Pair) -> list[int]:
         """Prompt ids ``P`` for a pair whose status is ``ok``."""
@@ -104,6 +118,8 @@ class PairEncoder:
 
     def encode(self, pair: Pair) -> EncodedPair:
         """Encode one ``ok`` pair."""
+        if self.layout == "trl":
+            return self.encode_trl(pair)
         if self.use_chat_template:
             chosen, rejected = pair.chosen, pair.rejected
         else:
@@ -111,6 +127,84 @@ class PairEncoder:
         return EncodedPair(
             tuple(self.encode_prompt(pair)), tuple(self.encode_response(chosen)), tuple(self.encode_response(rejected))
         )
+
+
+    def encode_trl(self, pair: Pair) -> EncodedPair:
+        """The prompt and completion ids of TRL's DPO preprocessing (verified against trl 1.x).
+
+        Text inputs (prompt/chosen/rejected strings) are tokenized as TRL
+        tokenizes non-conversational data, whatever the chat template::
+
+            P  = tokenizer(prompt)                  (default special tokens)
+            PC = tokenizer(prompt + chosen + EOS)   (EOS text appended unless already there)
+            R+ = PC[k:], with k the common prefix of P with PC and with PR
+
+        HH-style transcripts (``implicit_text``) are first split as TRL's
+        ``extract_prompt`` splits them: at the first differing character,
+        a space before it going to the completions. Conversational inputs are
+        rendered with the chat template: ``P`` with the generation prompt,
+        ``PC`` as the whole conversation, and the completion is what follows
+        the common prefix (no EOS added: the template closes the turn).
+        """
+        if pair.prompt_text is None:
+            if not self.use_chat_template:
+                raise BadDataError(
+                    "`--layout trl` renders conversational input with the chat template, but the model has none "
+                    "(or `--no-chat-template` was given); use a model with a chat template"
+                )
+            messages = [dict(m) for m in pair.prompt_messages]
+
+            def render(conversation, **kwargs):
+                return _ids(self.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True, **kwargs))
+
+            prompt = render(messages, add_generation_prompt=True)
+            full_chosen = render(messages + [{"role": "assistant", "content": pair.chosen}])
+            full_rejected = render(messages + [{"role": "assistant", "content": pair.rejected}])
+        else:
+            prompt_text, chosen_text, rejected_text = pair.prompt_text, pair.chosen_text, pair.rejected_text
+            if self.input_format == "implicit_text":
+                prompt_text, chosen_text, rejected_text = _split_like_trl(
+                    prompt_text + chosen_text, prompt_text + rejected_text
+                )
+            eos = self.tokenizer.eos_token
+
+            def tokens(text):
+                return _ids(self.tokenizer(text)["input_ids"])
+
+            prompt = tokens(prompt_text)
+            full_chosen = tokens(prompt_text + chosen_text + ("" if chosen_text.endswith(eos) else eos))
+            full_rejected = tokens(prompt_text + rejected_text + ("" if rejected_text.endswith(eos) else eos))
+        start = min(_common_prefix(prompt, full_chosen), _common_prefix(prompt, full_rejected))
+        chosen, rejected = full_chosen[start:], full_rejected[start:]
+        if not chosen or not rejected:
+            raise ValueError("a completion is empty after TRL's prompt/completion split")
+        return EncodedPair(tuple(prompt[:start]), tuple(chosen), tuple(rejected))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split_like_trl(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """``trl.extract_prompt`` on two strings: the prompt ends where they first differ.
+
+    Its quirks are kept on purpose, since they decide what TRL trains on: a
+    space just before the first difference moves to the completions, and when
+    one side is a prefix of the other the split falls one character before
+    the shorter one's end.
+    """
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
 def token_budget_batches(

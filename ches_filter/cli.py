@@ -15,7 +15,9 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import ATTN_IMPLEMENTATIONS, DTYPES, ENGINES, INPUT_FORMATS, MEASURES, PruneConfig, ScoreConfig
+from .config import (
+    ATTN_IMPLEMENTATIONS, DTYPES, ENGINES, INPUT_FORMATS, MEASURES, SCORE_MEASURES, TOKEN_LAYOUTS, PruneConfig, ScoreConfig,
+)
 from .errors import ChesFilterError
 
 logger = logging.getLogger("ches_filter")
@@ -75,7 +77,7 @@ def score_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--device-map", default=None, help="Split one model over several GPUs (e.g. auto; needs accelerate)."),
         click.option("--attn-implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), default="sdpa", show_default=True),
-        click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help="packed: prompt encoded once per pair; plain: each side separately; auto: packed where exact."),
+        click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help="packed: prompt encoded once per pair (one tree-masked row); prefix: prompt once, then both responses from its KV cache; plain: each side separately; auto: packed where exact."),
         click.option("--input-format", type=click.Choice(INPUT_FORMATS), default=None, help="Force the input layout instead of detecting it."),
         click.option("--prompt-column", default="prompt", show_default=True),
         click.option("--chosen-column", default="chosen", show_default=True),
@@ -84,6 +86,8 @@ def score_options(fn: Callable) -> Callable:
         click.option("--split", default=None, help="Split of a Hub dataset or a saved DatasetDict."),
         click.option("--subset", default=None, help="Configuration (subset) of a Hub dataset."),
         click.option("--no-chat-template", is_flag=True, default=False, help="Tokenize the prompt's text form instead of rendering the chat template."),
+        click.option("--layout", type=click.Choice(TOKEN_LAYOUTS), default="paper", show_default=True, help="Response tokens: paper = response + EOS; trl = the completion tokens TRL's DPOTrainer trains on."),
+        click.option("--measures", default="ches,ln_ches", show_default=True, help="Comma-separated columns to compute: " + ", ".join(SCORE_MEASURES) + "."),
         click.option("--max-length", type=int, default=None, help="Pairs longer than this (prompt + longest response, tokens) get status too_long. Default: the model's context."),
         click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per forward pass. Default: 2048 on CPU, 65536 on CUDA."),
         click.option("--max-batch-size", type=int, default=None, help="Optional cap on pairs per forward pass."),
@@ -119,10 +123,22 @@ def main() -> None:
     """
 
 
+def _echo_counts(counts: dict, rows: int, output: str) -> None:
+    click.echo(f"scored {counts.get('ok', 0)} of {rows} rows -> {output}")
+    others = {k: v for k, v in sorted(counts.items()) if k != "ok"}
+    if others:
+        click.echo("not scored as ok: " + ", ".join(f"{k} {v}" for k, v in others.items()))
+
+
 @main.command()
 @click.argument("input")
 @click.option("--output", "-o", required=True, help="Score file to write (.parquet).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
+@click.option("--work-dir", default=None, help="Where parts and the manifest go while scoring. Default: OUTPUT.parts")
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="Rows per part written to the work dir: the most a crash can cost per process.")
+@click.option("--num-shards", type=int, default=1, show_default=True, help="Split the rows into this many independent jobs (e.g. a Slurm array); join with `ches-filter merge`.")
+@click.option("--shard-index", type=int, default=None, help="Which shard this job scores, 0 .. num-shards-1.")
+@click.option("--keep-work-dir", is_flag=True, default=False, help="Keep the work dir after the output is assembled.")
 @score_options
 @_guarded
 def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
@@ -130,23 +146,58 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
 
     INPUT is a .jsonl/.json/.jsonl.gz/.parquet/.csv file, a parquet directory or glob,
     a save_to_disk directory, or a Hub dataset id.
+
+    Resumable: parts go to OUTPUT.parts/ as they finish; rerun the same
+    command after a crash to continue. Data parallel:
+    `torchrun --nproc_per_node N -m ches_filter score ...`; see docs/distributed.md.
     """
-    config, _ = _build(ScoreConfig, kwargs)
-    _setup_logging(config.quiet, verbose)
-    from .io import check_output_path, output_kind, write_table
-    from .scoring import score_pairs, table_metadata
+    from .distributed import JobConfig, torchrun_rank
+
+    config, rest = _build(ScoreConfig, kwargs)
+    job, _ = _build(JobConfig, rest)
+    rank = torchrun_rank()
+    # Only rank 0 talks; the others report warnings and errors.
+    _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
+    from .distributed import score_to_file
+    from .io import output_kind
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
-    check_output_path(output, inputs=[input], overwrite=overwrite)
-    table = score_pairs(input, config)
-    write_table(table, output, metadata=table_metadata(table), overwrite=overwrite)
-    counts = table_metadata(table).get("counts", {})
-    click.echo(f"scored {counts.get('ok', 0)} of {table.num_rows} rows -> {output}")
-    others = {k: v for k, v in sorted(counts.items()) if k != "ok"}
-    if others:
-        click.echo("not scored as ok: " + ", ".join(f"{k} {v}" for k, v in others.items()))
+    summary = score_to_file(input, output, config, job, overwrite=overwrite)
+    if rank != 0:
+        return
+    if summary["already_complete"]:
+        click.echo(f"{output} is already complete; nothing to do")
+    elif summary["output"] is None:
+        click.echo(
+            f"shard {job.shard_index} of {job.num_shards}: {summary['parts']} parts in {summary['work_dir']} "
+            f"({summary['parts_skipped']} were done before); when every shard is done run: "
+            f"ches-filter merge {summary['work_dir']} -o {output}"
+        )
+    else:
+        _echo_counts(summary["counts"], summary["rows"], output)
+
+
+@main.command()
+@click.argument("work_dir")
+@click.option("--output", "-o", required=True, help="Score file to write (.parquet).")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
+@click.option("--keep-work-dir", is_flag=True, default=False, help="Keep WORK_DIR after the output is written.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No info logs.")
+@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logs.")
+@_guarded
+def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quiet: bool, verbose: bool) -> None:
+    """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
+    _setup_logging(quiet, verbose)
+    from .distributed import merge_work_dir
+    from .io import output_kind
+
+    if not output.endswith(".parquet"):
+        raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
+    output_kind(output)
+    counts = merge_work_dir(work_dir, output, overwrite=overwrite, keep_work_dir=keep_work_dir)
+    _echo_counts(counts, sum(counts.values()), output)
 
 
 @main.command()
@@ -190,6 +241,81 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     click.echo(f"dropped:  {summary['dropped']}" + ("" if not summary["dropped_by_reason"] else " (" + ", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items()) + ")"))
     click.echo(f"threshold: {by} <= {threshold:.6g}" if threshold is not None else "threshold: none (no scored row kept)")
     logger.debug("summary: %s", json.dumps(summary))
+
+
+@main.command()
+@click.argument("scores")
+@click.option("--output", "-o", required=True, help="Report directory to create (summary.json, histogram.png, length.png, report.html).")
+@click.option("--data", default=None, help="The INPUT that was scored, to show prompt/response excerpts of the extreme pairs.")
+@click.option("--keep", type=float, multiple=True, default=(0.95, 0.9, 0.8), show_default=True, help="Fractions whose prune threshold is listed and drawn (repeatable).")
+@click.option("--by", type=click.Choice(MEASURES), default="ln_ches", show_default=True, help="Measure that ranks the highest/lowest pairs.")
+@click.option("--top", type=int, default=20, show_default=True, help="How many highest- and lowest-scoring pairs to list.")
+@click.option("--excerpt-chars", type=int, default=400, show_default=True, help="Characters of each prompt/response excerpt.")
+@click.option("--split", default=None, help="Split of --data, as for `score`.")
+@click.option("--subset", default=None, help="Configuration (subset) of a Hub --data.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
+@click.option("--quiet", "-q", is_flag=True, default=False, help="No info logs.")
+@click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logs.")
+@_guarded
+def report(scores: str, output: str, data: str | None, overwrite: bool, quiet: bool, verbose: bool, **kwargs: Any) -> None:
+    """Summarise a score file from `ches-filter score` as plots, tables and an HTML page in OUTPUT.
+
+    Needs matplotlib: pip install 'ches-filter[report]'.
+    """
+    from .config import ReportConfig
+
+    config, _ = _build(ReportConfig, kwargs)
+    _setup_logging(quiet, verbose)
+    from .report import build_report, require_matplotlib, terminal_summary
+
+    require_matplotlib()
+    summary = build_report(scores, output, config, data=data, overwrite=overwrite)
+    for line in terminal_summary(summary):
+        click.echo(line)
+    click.echo(f"report -> {output}/report.html")
+
+
+@main.command()
+@click.argument("input")
+@click.option("--output", "-o", default=None, help="Per-pair results to write (.parquet). Without it only the table is printed.")
+@click.option("--sample", type=int, default=64, show_default=True, help="Pairs drawn at random from the scorable rows.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
+@click.option("--steps", type=int, default=0, show_default=True, help="Also take this many real DPO (SGD) steps per pair, from the same initial model.")
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="SGD learning rate of the real steps.")
+@click.option("--beta", type=float, default=0.1, show_default=True, help="DPO beta of the real steps.")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
+@score_options
+@_guarded
+def displacement(input: str, output: str | None, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
+    """Measure likelihood displacement on a sample of INPUT's pairs with the model itself.
+
+    For each pair alone: D = ||g+||^2 - <g+, g->, the first-order change of log p(y+|x) under one DPO
+    step (g = gradient of log p(y|x) over all parameters; D < 0: the preferred response falls), and with
+    --steps K the actual change after K DPO steps. Prints how well each measure ranks the displaced
+    pairs. Loads the model with its LM head; --dtype auto means float32 here. Every measure is
+    computed; `--measures` and the batching options of `score` do not apply.
+    """
+    from .config import DisplacementConfig
+
+    probe_config, rest = _build(DisplacementConfig, kwargs)
+    config, _ = _build(ScoreConfig, rest)
+    _setup_logging(config.quiet, verbose)
+    from .io import check_output_path, write_table
+    from .displacement import format_summary, measure_displacement
+    from .scoring import table_metadata
+
+    if output is not None:
+        if not output.endswith(".parquet"):
+            raise click.BadParameter(f"the result file must end in .parquet, got {output!r}", param_hint="'--output'")
+        check_output_path(output, inputs=[input], overwrite=overwrite)
+    table = measure_displacement(input, probe_config, config)
+    meta = table_metadata(table)
+    if output is not None:
+        write_table(table, output, metadata=meta, overwrite=overwrite)
+    for line in format_summary(meta["summary"]):
+        click.echo(line)
+    if output is not None:
+        click.echo(f"{table.num_rows} pairs -> {output}")
 
 
 if __name__ == "__main__":  # pragma: no cover

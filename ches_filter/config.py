@@ -14,10 +14,14 @@ from decimal import ROUND_HALF_UP, Decimal
 from .errors import BadFlagError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINES = ("auto", "packed", "plain")
+ENGINES = ("auto", "packed", "prefix", "plain")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 INPUT_FORMATS = ("explicit_text", "explicit_conversational", "implicit_conversational", "implicit_text")
 MEASURES = ("ches", "ln_ches")
+#: Everything ``score --measures`` can compute, in output column order.
+SCORE_MEASURES = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
+#: Token layouts (see ``ches_filter.batching``): the paper's, or TRL's DPO preprocessing.
+TOKEN_LAYOUTS = ("paper", "trl")
 
 
 def _choice(flag: str, value, choices) -> None:
@@ -58,8 +62,12 @@ class ScoreConfig:
     max_batch_size: int | None = None
     chunk_size: int = 4096
     quiet: bool = False
+    layout: str = "paper"
+    measures: str = "ches,ln_ches"
 
     def __post_init__(self) -> None:
+        _choice("layout", self.layout, TOKEN_LAYOUTS)
+        self.measures = _measures(self.measures)
         _choice("dtype", self.dtype, DTYPES)
         _choice("engine", self.engine, ENGINES)
         _choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
@@ -79,6 +87,24 @@ class ScoreConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def measure_list(self) -> tuple[str, ...]:
+        """``measures`` as a tuple, in :data:`SCORE_MEASURES` order."""
+        return tuple(self.measures.split(","))
+
+
+def _measures(value) -> str:
+    """Canonical comma-separated measure list (a plain string, so it compares equal after a JSON round trip)."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in SCORE_MEASURES]
+    if unknown or not names:
+        raise BadFlagError(
+            f"`--measures` got {value!r}; give a comma-separated list of: {', '.join(SCORE_MEASURES)} "
+            "(e.g. `--measures ches,ln_ches,last_hidden_ip`)"
+        )
+    return ",".join(m for m in SCORE_MEASURES if m in names)
 
 
 @dataclass
@@ -124,3 +150,63 @@ class PruneConfig:
         if self.keep_count is not None:
             return min(int(self.keep_count), n_ok)
         return None
+
+
+@dataclass
+class ReportConfig:
+    """What ``ches-filter report`` shows.
+
+    Attributes:
+        keep: ``--keep`` fractions whose prune thresholds are listed and drawn.
+        by: the measure that ranks the highest/lowest pairs.
+        top: how many highest- and lowest-scoring pairs to list.
+        excerpt_chars: characters of prompt/response text shown per cell.
+        split: split of the ``--data`` input, as for ``score``.
+        subset: configuration of a Hub ``--data`` input.
+    """
+
+    keep: tuple[float, ...] = (0.95, 0.9, 0.8)
+    by: str = "ln_ches"
+    top: int = 20
+    excerpt_chars: int = 400
+    split: str | None = None
+    subset: str | None = None
+
+    def __post_init__(self) -> None:
+        self.keep = tuple(sorted({float(k) for k in self.keep}, reverse=True))
+        if not self.keep or any(not (0.0 < k <= 1.0) for k in self.keep):
+            raise BadFlagError(f"`--keep` takes fractions in (0, 1], got {self.keep}; e.g. `--keep 0.9`")
+        _choice("by", self.by, MEASURES)
+        if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0:
+            raise BadFlagError(f"`--top` must be 0 or more, got {self.top!r}")
+        _positive("excerpt-chars", self.excerpt_chars)
+
+
+@dataclass
+class DisplacementConfig:
+    """How ``ches-filter displacement`` samples pairs and steps the model.
+
+    Attributes:
+        sample: pairs drawn (uniformly, without replacement) from the scorable rows.
+        seed: seed of that draw.
+        steps: real DPO steps per pair (0: first-order prediction only).
+        lr: SGD learning rate of those steps.
+        beta: DPO's beta (the reference model is the initial model).
+    """
+
+    sample: int = 64
+    seed: int = 0
+    steps: int = 0
+    lr: float = 1e-5
+    beta: float = 0.1
+
+    def __post_init__(self) -> None:
+        _positive("sample", self.sample)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise BadFlagError(f"`--seed` must be a whole number, got {self.seed!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise BadFlagError(f"`--steps` must be 0 or more, got {self.steps!r}")
+        for flag in ("lr", "beta"):
+            value = getattr(self, flag)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0) or value == float("inf"):
+                raise BadFlagError(f"`--{flag}` must be a positive number, got {value!r}")

@@ -1,6 +1,6 @@
 """Run the decoder and sum the response hidden states of each pair.
 
-Two strategies sit behind one interface (:class:`Engine`):
+Three strategies sit behind one interface (:class:`Engine`):
 
 ``packed`` (default when exact for the model): one row per pair holding the
 prompt once and both responses, with a tree-shaped attention mask and
@@ -11,10 +11,15 @@ restarted position ids::
     position id  : 0 ........ p-1         p ....... p+c-2      p ....... p+r-2
     attends to   : causal within P        P + causal in R+     P + causal in R-
 
-``plain`` (reference, and fallback): each side as its own sequence ``P + R``.
+``prefix``: the same tree in two passes: the prompts first, keeping their
+keys and values (a KV cache), then one row ``[R+[:-1] | R-[:-1]]`` per pair
+that attends to the cached prompt and causally within its own branch.
 
-In both, the state counted for response token ``k`` (``k = 0..|R|-1``) is the
-final hidden state at the position whose *next* token is ``R[k]``::
+``plain`` (reference, and fallback): each side as its own sequence ``P + R``,
+masked by the model's own (2D padding mask) logic.
+
+In all three, the state counted for response token ``k`` (``k = 0..|R|-1``) is
+the final hidden state at the position whose *next* token is ``R[k]``::
 
     sequence     : P[0] ... P[p-1] | R[0] ... R[|R|-2] | R[|R|-1]=EOS
     next token   : P[1] ... R[0]   | R[1] ... EOS      | (not an input)
@@ -24,12 +29,21 @@ so the EOS token itself is never fed to the model, and the last prompt position
 (``p-1``) starts both responses: in a packed row it feeds both sums.
 The final hidden state is the decoder's ``last_hidden_state``: the output of the
 final norm, the vector the unembedding multiplies. No logits are computed.
+
+Masks are built once per batch as additive float tensors in the model's dtype
+(0 where attention is allowed, the dtype's minimum elsewhere): torch's SDPA
+would otherwise turn a boolean mask into that same float tensor in every
+layer. Models whose layers differ in attention span (``config.layer_types``
+with ``sliding_attention``) get one mask per layer type; the sliding-window
+rule is applied to logical positions, which restart for the rejected branch.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,9 +56,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "PairStates", "STRATEGIES", "packed_support"]
 
-STRATEGIES = ("auto", "packed", "plain")
+STRATEGIES = ("auto", "packed", "prefix", "plain")
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+# Python threads share the GIL for the model's per-operation bookkeeping, so
+# many workers stop scaling; past this, workers split the intra-op threads.
+_MAX_CPU_WORKERS = 4
 
 
 @dataclass
@@ -71,7 +88,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def packed_support(config: Any, attn_implementation: str) -> tuple[bool, str]:
-    """Whether a tree-masked packed row is exact for this architecture.
+    """Whether a tree-masked packed row (or a prefix pass) is exact for this architecture.
 
     Returns:
         ``(supported, reason)``; the reason explains a refusal for the log.
@@ -97,6 +114,27 @@ def _sliding_window(config: Any) -> int | None:
     return int(window)
 
 
+def _cache_argument(decoder: Any) -> str | None:
+    """Name of the KV-cache argument of ``decoder.forward`` (``cache`` in transformers 5, ``past_key_values`` before)."""
+    try:
+        params = inspect.signature(decoder.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+@dataclass
+class _Rows:
+    """Index bookkeeping of one batch: which flattened positions feed which sum."""
+
+    flat: list[int]
+    segment: list[int]
+    last_flat: list[int]
+
+
 class Engine:
     """Compute per-pair hidden-state sums with a decoder.
 
@@ -104,11 +142,28 @@ class Engine:
         decoder: a transformers base model (or a causal LM, whose base model is used).
         device: where inputs go.
         strategy: ``auto`` (packed when exact for this model, else plain),
-            ``packed`` or ``plain``.
-        max_batch_tokens: padded tokens per forward pass.
+            ``packed``, ``prefix`` or ``plain``.
+        max_batch_tokens: padded tokens per forward pass (a pair's cost is its
+            packed row length for packed/prefix, twice its longest side for plain).
         max_batch_size: optional cap on pairs per batch.
         pad_token_id: id used for padding (its states are never read).
         padding_side: ``right`` or ``left`` for the plain strategy.
+        workers: batches run at once. Default: on CPU, one per intra-op
+            thread (``torch.get_num_threads()``, at most 4), the threads
+            shared out among them (see :attr:`workers`); elsewhere 1. CPU
+            memory then holds up to ``workers`` batches at once.
+
+    Attributes:
+        workers: on CPU, several single-threaded forward passes side by side
+            beat one pass split over all cores: the small matrix products of
+            a one-pair batch parallelise poorly, and OpenMP threads that wait
+            for each other at every operation stall whenever another process
+            takes a core. Each worker runs whole batches and results go back
+            in input order; they equal a serial run's to float rounding.
+
+    Raises:
+        ValueError: an unknown strategy, or ``packed``/``prefix`` asked for a
+            model where it cannot be exact.
     """
 
     def __init__(
@@ -121,10 +176,13 @@ class Engine:
         max_batch_size: int | None = None,
         pad_token_id: int = 0,
         padding_side: str = "right",
+        workers: int | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if decoder.get_output_embeddings() is not None if hasattr(decoder, "get_output_embeddings") else False:
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if hasattr(decoder, "get_output_embeddings") and decoder.get_output_embeddings() is not None:
             decoder = decoder.base_model
         self.decoder = decoder
         self.device = torch.device(device)
@@ -137,24 +195,55 @@ class Engine:
         self.attn_implementation = getattr(self.config, "_attn_implementation", None) or "eager"
         self.window = _sliding_window(self.config)
         self.layer_types = getattr(self.config, "layer_types", None)
+        self.cache_argument = _cache_argument(decoder)
+        if workers is None:
+            workers = min(torch.get_num_threads(), _MAX_CPU_WORKERS) if self.device.type == "cpu" else 1
+        if int(workers) < 1:
+            raise ValueError(f"workers must be at least 1, got {workers!r}")
+        self.workers = int(workers)
+        self.strategy = self._choose(strategy)
+        logger.info(
+            "engine: %s strategy, %s attention, budget %d tokens, %d worker(s)",
+            self.strategy,
+            self.attn_implementation,
+            self.max_batch_tokens,
+            self.workers,
+        )
+
+    def _choose(self, strategy: str) -> str:
         if strategy == "plain":
-            self.strategy = "plain"
-        else:
-            ok, why = packed_support(self.config, self.attn_implementation)
-            if not ok:
-                if strategy == "packed":
-                    raise ValueError(f"the packed strategy is not exact for this model: {why}")
-                logger.warning("scoring with the plain strategy (each side separately): %s", why)
-                self.strategy = "plain"
-            else:
-                self.strategy = "packed"
-                if strategy == "auto" and not self._self_check():
-                    self.strategy = "plain"
-        logger.info("engine: %s strategy, %s attention, budget %d tokens", self.strategy, self.attn_implementation, self.max_batch_tokens)
+            return "plain"
+        ok, why = packed_support(self.config, self.attn_implementation)
+        if ok and strategy == "prefix" and self.cache_argument is None:
+            ok, why = False, "the decoder's forward takes no KV cache argument"
+        if not ok:
+            if strategy != "auto":
+                raise ValueError(f"the {strategy} strategy is not exact for this model: {why}")
+            logger.warning("scoring with the plain strategy (each side separately): %s", why)
+            return "plain"
+        if strategy == "prefix":
+            # A cache is the more fragile path (cache classes change between
+            # transformers releases): refuse rather than return wrong scores.
+            worst = self._self_check_error("prefix")
+            if worst > self._self_check_tolerance():
+                raise ValueError(
+                    f"the prefix strategy disagrees with the plain one on this model (relative error {worst:.2e}); "
+                    "use `--engine packed` or `--engine plain`"
+                )
+            return "prefix"
+        if strategy == "auto" and not self._self_check():
+            return "plain"
+        return "packed"
 
     # ------------------------------------------------------------------ public
     def run(self, pairs: Sequence[EncodedPair]) -> PairStates:
-        """Score pairs in token-budget batches; results come back in input order."""
+        """Score pairs in token-budget batches; results come back in input order.
+
+        On an out-of-memory error the budget is halved, the failed batch is
+        split in two and retried, and batches planned under the old budget are
+        re-split as they come up: no pair is lost or scored twice. With CPU
+        workers, see :attr:`workers`, up to that many batches run at once.
+        """
         n = len(pairs)
         dim = self.config.hidden_size
         out = PairStates(*(torch.zeros(n, dim, dtype=torch.float64) for _ in range(4)))
@@ -162,38 +251,73 @@ class Engine:
             return out
         costs = [self._cost(p) for p in pairs]
         queue = deque(token_budget_batches(costs, self.max_batch_tokens, max_batch_size=self.max_batch_size))
-        while queue:
-            batch = queue.popleft()
-            if len(batch) > 1 and len(batch) * max(costs[i] for i in batch) > self.max_batch_tokens:
-                # The budget shrank after an OOM: re-split batches planned before.
-                parts = token_budget_batches([costs[i] for i in batch], self.max_batch_tokens)
-                queue.extendleft([batch[j] for j in part] for part in reversed(parts))
-                continue
-            try:
-                states = self._forward([pairs[i] for i in batch])
-            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                if not _is_oom(exc):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if len(batch) == 1:
-                    raise RuntimeError(
-                        f"one pair of {costs[batch[0]]} tokens does not fit in memory; lower `--max-length`"
-                    ) from exc
-                self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
-                logger.warning("out of memory on %d pairs; retrying with --max-batch-tokens %d", len(batch), self.max_batch_tokens)
-                half = len(batch) // 2
-                queue.appendleft(batch[half:])
-                queue.appendleft(batch[:half])
-                continue
-            index = torch.tensor(batch)
-            for field, value in zip(("s_chosen", "s_rejected", "last_chosen", "last_rejected"), states):
-                getattr(out, field)[index] = value.cpu()
+        workers = min(self.workers, len(queue))
+        if workers <= 1:
+            while queue:
+                batch = self._next_batch(queue, costs)
+                if batch is not None:
+                    self._finish(batch, self._attempt(pairs, batch), queue, costs, out)
+            return out
+        threads = torch.get_num_threads()
+        # Each worker runs its forward passes single-threaded (intra-op threads
+        # are a process-wide setting, restored below).
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-engine") as pool:
+                pending: dict[Future, list[int]] = {}
+                while queue or pending:
+                    while queue and len(pending) < workers:
+                        batch = self._next_batch(queue, costs)
+                        if batch is not None:
+                            pending[pool.submit(self._attempt, pairs, batch)] = batch
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self._finish(pending.pop(future), future.result(), queue, costs, out)
+        finally:
+            torch.set_num_threads(threads)
         return out
+
+    def _next_batch(self, queue: deque, costs: Sequence[int]) -> list[int] | None:
+        """Pop the next batch; None when it had to be re-split for a smaller budget (the parts are queued)."""
+        batch = queue.popleft()
+        if len(batch) > 1 and len(batch) * max(costs[i] for i in batch) > self.max_batch_tokens:
+            # The budget shrank after an OOM: re-split batches planned before.
+            parts = token_budget_batches([costs[i] for i in batch], self.max_batch_tokens)
+            queue.extendleft([batch[j] for j in part] for part in reversed(parts))
+            return None
+        return batch
+
+    def _attempt(self, pairs: Sequence[EncodedPair], batch: list[int]) -> Any:
+        """Run one batch; an out-of-memory error is returned (for :meth:`_finish`), any other raised."""
+        try:
+            return self._forward([pairs[i] for i in batch])
+        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            if not _is_oom(exc):
+                raise
+            return exc
+
+    def _finish(self, batch: list[int], result: Any, queue: deque, costs: Sequence[int], out: PairStates) -> None:
+        """Store a batch's states, or on OOM halve the budget and queue the batch's two halves first."""
+        if isinstance(result, BaseException):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                raise RuntimeError(
+                    f"one pair of {costs[batch[0]]} tokens does not fit in memory; lower `--max-length`"
+                ) from result
+            self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
+            logger.warning("out of memory on %d pairs; retrying with --max-batch-tokens %d", len(batch), self.max_batch_tokens)
+            half = len(batch) // 2
+            queue.appendleft(batch[half:])
+            queue.appendleft(batch[:half])
+            return
+        index = torch.tensor(batch)
+        for field, value in zip(("s_chosen", "s_rejected", "last_chosen", "last_rejected"), result):
+            getattr(out, field)[index] = value.cpu()
 
     # ----------------------------------------------------------------- helpers
     def _cost(self, pair: EncodedPair) -> int:
-        if self.strategy == "packed":
+        if self.strategy in ("packed", "prefix"):
             return pair.packed_length
         # Plain batches hold both sides of each pair, padded to the longest side.
         return 2 * (len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) - 1)
@@ -201,46 +325,66 @@ class Engine:
     def _forward(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
         if self.strategy == "packed":
             return self._forward_packed(pairs)
+        if self.strategy == "prefix":
+            return self._forward_prefix(pairs)
         return self._forward_plain(pairs)
 
-    def _decode(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor) -> torch.Tensor:
+    def _decode(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {"use_cache": cache is not None}
+        if cache is not None:
+            kwargs[self.cache_argument] = cache
         with torch.inference_mode():
             output = self.decoder(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask,
                 position_ids=position_ids.to(self.device),
-                use_cache=False,
+                **kwargs,
             )
         return output[0] if isinstance(output, tuple) else output.last_hidden_state
 
-    def _tree_mask(self, tags: torch.Tensor, positions: torch.Tensor) -> Any:
-        """Boolean ``(B, 1, L, L)`` tree mask (one per layer type when windows differ)."""
-        tags = tags.to(self.device)
-        positions = positions.to(self.device)
-        length = tags.shape[1]
-        idx = torch.arange(length, device=self.device)
-        causal = idx[:, None] >= idx[None, :]
-        tq, tk = tags[:, :, None], tags[:, None, :]
-        allowed = causal & (tq != _PAD) & ((tk == _PROMPT) | (tq == tk))
-        # Padding queries attend to themselves only, so no softmax row is empty (NaN).
-        allowed |= torch.eye(length, dtype=torch.bool, device=self.device)
+    def _tree_mask(
+        self,
+        q_tags: torch.Tensor,
+        q_pos: torch.Tensor,
+        k_tags: torch.Tensor,
+        k_pos: torch.Tensor,
+        offset: int = 0,
+    ) -> Any:
+        """Additive ``(B, 1, Lq, Lk)`` tree mask (a dict by layer type when windows differ).
+
+        Query ``i`` sits at row index ``offset + i`` among the keys (``offset``
+        is the number of cached keys). A query attends to an earlier-or-equal
+        key that is a prompt token or in its own branch; a padding query
+        attends to itself only, so no softmax row is empty (NaN).
+
+        Args:
+            q_tags: ``(B, Lq)`` branch tag of each query (prompt, chosen, rejected, pad).
+            q_pos: ``(B, Lq)`` logical position of each query.
+            k_tags: ``(B, Lk)``.
+            k_pos: ``(B, Lk)``.
+            offset: row index of the first query among the keys.
+        """
+        dev = self.device
+        q_tags, q_pos, k_tags, k_pos = (t.to(dev) for t in (q_tags, q_pos, k_tags, k_pos))
+        q_idx = torch.arange(q_tags.shape[1], device=dev)[:, None] + offset
+        k_idx = torch.arange(k_tags.shape[1], device=dev)[None, :]
+        tq, tk = q_tags[:, :, None], k_tags[:, None, :]
+        allowed = (q_idx >= k_idx) & (tq != _PAD) & ((tk == _PROMPT) | (tq == tk))
+        allowed |= q_idx == k_idx
         masks = {"full_attention": allowed}
         if self.window is not None:
-            distance = positions[:, :, None] - positions[:, None, :]
-            # Same rule as transformers' sliding_window_overlay (kv > q - window),
+            # Same rule as transformers' sliding-window masks (kv > q - window),
             # on logical positions, which restart for the rejected branch.
-            masks["sliding_attention"] = allowed & (distance < self.window)
-        masks = {k: self._format_mask(v.unsqueeze(1)) for k, v in masks.items()}
+            masks["sliding_attention"] = allowed & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.window)
+        minimum = torch.finfo(self.dtype).min
+        masks = {
+            k: torch.zeros(v.shape, dtype=self.dtype, device=dev).masked_fill_(~v, minimum).unsqueeze(1)
+            for k, v in masks.items()
+        }
         if self.layer_types is not None:
             return {t: masks.get(t, masks["full_attention"]) for t in set(self.layer_types)}
         # No per-layer types: a configured window applies to every layer.
         return masks.get("sliding_attention", masks["full_attention"])
-
-    def _format_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        if self.attn_implementation == "eager":
-            floats = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device)
-            return floats.masked_fill_(~mask, torch.finfo(self.dtype).min)
-        return mask
 
     def _forward_packed(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
         length = max(p.packed_length for p in pairs)
@@ -248,38 +392,79 @@ class Engine:
         ids = torch.full((bsz, length), self.pad_token_id, dtype=torch.long)
         tags = torch.full((bsz, length), _PAD, dtype=torch.long)
         positions = torch.zeros((bsz, length), dtype=torch.long)
-        flat: list[int] = []
-        segment: list[int] = []
-        last_flat: list[int] = []
+        rows = _Rows([], [], [])
         for b, pair in enumerate(pairs):
             p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-            row = list(pair.prompt) + list(pair.chosen[:-1]) + list(pair.rejected[:-1])
-            ids[b, : len(row)] = torch.tensor(row)
+            ids[b, : pair.packed_length] = torch.tensor(list(pair.prompt) + list(pair.chosen[:-1]) + list(pair.rejected[:-1]))
             tags[b, :p] = _PROMPT
             tags[b, p : p + c - 1] = _CHOSEN
             tags[b, p + c - 1 : p + c + r - 2] = _REJECTED
             positions[b, :p] = torch.arange(p)
             positions[b, p : p + c - 1] = torch.arange(p, p + c - 1)
             positions[b, p + c - 1 : p + c + r - 2] = torch.arange(p, p + r - 1)
-            base = b * length
-            # h_k for the chosen side: index p-1 (k=0), then p .. p+c-2.
-            chosen_idx = [base + p - 1] + list(range(base + p, base + p + c - 1))
-            # rejected side: index p-1 (k=0), then p+c-1 .. p+c+r-3.
-            rejected_idx = [base + p - 1] + list(range(base + p + c - 1, base + p + c + r - 2))
-            flat += chosen_idx + rejected_idx
-            segment += [2 * b] * c + [2 * b + 1] * r
-            last_flat += [chosen_idx[-1], rejected_idx[-1]]
-        hidden = self._decode(ids, self._tree_mask(tags, positions), positions)
-        return self._reduce(hidden, flat, segment, last_flat, bsz)
+            # Chosen h_k: index p-1 (k=0), then p .. p+c-2; rejected: p-1, then p+c-1 .. p+c+r-3.
+            self._index_pair(rows, b, b * length, p - 1, p, c, p + c - 1, r)
+        mask = self._tree_mask(tags, positions, tags, positions)
+        hidden = self._decode(ids, mask, positions)
+        return self._reduce(hidden, rows, bsz)
+
+    def _forward_prefix(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
+        """Prompts in one pass that fills a KV cache, then both branches of each pair in a second."""
+        from transformers import DynamicCache
+
+        bsz = len(pairs)
+        p_max = max(len(p.prompt) for p in pairs)
+        r_max = max(len(p.chosen) + len(p.rejected) - 2 for p in pairs)
+        ids = torch.full((bsz, p_max), self.pad_token_id, dtype=torch.long)
+        p_tags = torch.full((bsz, p_max), _PAD, dtype=torch.long)
+        p_pos = torch.zeros((bsz, p_max), dtype=torch.long)
+        r_ids = torch.full((bsz, r_max), self.pad_token_id, dtype=torch.long)
+        r_tags = torch.full((bsz, r_max), _PAD, dtype=torch.long)
+        r_pos = torch.zeros((bsz, r_max), dtype=torch.long)
+        width = p_max + r_max
+        rows = _Rows([], [], [])
+        for b, pair in enumerate(pairs):
+            p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+            ids[b, :p] = torch.tensor(list(pair.prompt))
+            p_tags[b, :p] = _PROMPT
+            p_pos[b, :p] = torch.arange(p)
+            if c + r > 2:
+                r_ids[b, : c + r - 2] = torch.tensor(list(pair.chosen[:-1]) + list(pair.rejected[:-1]))
+            r_tags[b, : c - 1] = _CHOSEN
+            r_tags[b, c - 1 : c + r - 2] = _REJECTED
+            r_pos[b, : c - 1] = torch.arange(p, p + c - 1)
+            r_pos[b, c - 1 : c + r - 2] = torch.arange(p, p + r - 1)
+            # Indices into the concatenation [prompt pass | response pass] of width p_max + r_max.
+            self._index_pair(rows, b, b * width, p - 1, p_max, c, p_max + c - 1, r)
+        # A cache without a config keeps every key (no sliding-window truncation);
+        # the masks below apply the window.
+        cache = DynamicCache()
+        prompt_hidden = self._decode(ids, self._tree_mask(p_tags, p_pos, p_tags, p_pos), p_pos, cache)
+        if r_max == 0:
+            hidden = prompt_hidden
+        else:
+            mask = self._tree_mask(
+                r_tags, r_pos, torch.cat([p_tags, r_tags], dim=1), torch.cat([p_pos, r_pos], dim=1), offset=p_max
+            )
+            response_hidden = self._decode(r_ids, mask, r_pos, cache)
+            hidden = torch.cat([prompt_hidden, response_hidden], dim=1)
+        return self._reduce(hidden, rows, bsz)
+
+    @staticmethod
+    def _index_pair(rows: _Rows, b: int, base: int, start: int, chosen_at: int, c: int, rejected_at: int, r: int) -> None:
+        """Record the flat indices of one pair's two sums (``start`` is the shared last prompt position)."""
+        chosen = [base + start] + list(range(base + chosen_at, base + chosen_at + c - 1))
+        rejected = [base + start] + list(range(base + rejected_at, base + rejected_at + r - 1))
+        rows.flat += chosen + rejected
+        rows.segment += [2 * b] * c + [2 * b + 1] * r
+        rows.last_flat += [chosen[-1], rejected[-1]]
 
     def _forward_plain(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
         sides = [(pair.prompt, resp) for pair in pairs for resp in (pair.chosen, pair.rejected)]
         length = max(len(prompt) + len(resp) - 1 for prompt, resp in sides)
         ids = torch.full((len(sides), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sides), length), dtype=torch.long)
-        flat: list[int] = []
-        segment: list[int] = []
-        last_flat: list[int] = []
+        rows = _Rows([], [], [])
         for s, (prompt, resp) in enumerate(sides):
             seq = list(prompt) + list(resp[:-1])
             offset = length - len(seq) if self.padding_side == "left" else 0
@@ -288,29 +473,31 @@ class Engine:
             p = len(prompt)
             # h_k at index offset + p - 1 + k, k = 0..|R|-1.
             idx = list(range(s * length + offset + p - 1, s * length + offset + p - 1 + len(resp)))
-            flat += idx
-            segment += [s] * len(resp)
-            last_flat.append(idx[-1])
+            rows.flat += idx
+            rows.segment += [s] * len(resp)
+            rows.last_flat.append(idx[-1])
         # Position ids from the mask so left padding does not shift positions.
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self._decode(ids, mask.to(self.device), position_ids)
-        return self._reduce(hidden, flat, segment, last_flat, len(pairs))
+        return self._reduce(hidden, rows, len(pairs))
 
-    def _reduce(self, hidden, flat, segment, last_flat, bsz):
+    def _reduce(self, hidden: torch.Tensor, rows: _Rows, bsz: int) -> tuple[torch.Tensor, ...]:
         dev = hidden.device
         sums = gather_sums(
-            hidden, torch.tensor(flat, device=dev), torch.tensor(segment, device=dev), 2 * bsz
+            hidden, torch.tensor(rows.flat, device=dev), torch.tensor(rows.segment, device=dev), 2 * bsz
         )
-        last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.tensor(last_flat, device=dev)).to(torch.float64)
+        last_index = torch.tensor(rows.last_flat, device=dev)
+        last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index).to(torch.float64)
         return sums[0::2], sums[1::2], last[0::2], last[1::2]
 
-    def _self_check(self) -> bool:
-        """Compare packed and plain on a synthetic pair; fall back to plain on mismatch.
+    def _self_check_tolerance(self) -> float:
+        return 1e-3 if self.dtype == torch.float32 else 5e-2
 
-        A model whose attention ignores a custom 4D mask, or builds its own
-        masks per layer in a way this engine does not know, would silently give
-        wrong scores with the packed strategy; one small forward pass each way
-        catches it. The prompt is longer than the sliding window, if any.
+    def _self_check_error(self, strategy: str) -> float:
+        """Largest relative difference of ``strategy`` against plain on a synthetic pair.
+
+        The prompt is longer than the sliding window, if any, and the two
+        responses differ in length, so a wrong mask of either layer type shows.
         """
         generator = torch.Generator().manual_seed(0)
         vocab = int(getattr(self.config, "vocab_size", 1000))
@@ -321,12 +508,20 @@ class Engine:
             return tuple(torch.randint(4, max(5, vocab), (n,), generator=generator).tolist())
 
         pair = EncodedPair(draw(prompt_len), draw(7), draw(5))
-        packed = self._forward_packed([pair])
+        fast = self._forward_prefix([pair]) if strategy == "prefix" else self._forward_packed([pair])
         plain = self._forward_plain([pair])
-        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
-        worst = max(
-            float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(packed[:2], plain[:2])
-        )
+        return max(float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(fast[:2], plain[:2]))
+
+    def _self_check(self) -> bool:
+        """Compare packed and plain on synthetic pairs; False (use plain) on mismatch.
+
+        A model whose attention ignores a custom 4D mask, or builds its own
+        masks per layer in a way this engine does not know, would silently give
+        wrong scores with the packed strategy; one small forward pass each way
+        catches it.
+        """
+        worst = self._self_check_error("packed")
+        tol = self._self_check_tolerance()
         if worst > tol:
             logger.warning(
                 "packed strategy disagrees with the plain one on this model (relative error %.2e > %.0e); "

@@ -239,8 +239,13 @@ def _prefetch(items: Iterable[Any], fn) -> Iterator[Any]:
 
 
 def default_batch_tokens(device: Any) -> int:
-    """Padded tokens per forward pass when ``--max-batch-tokens`` is not given."""
-    return 65536 if getattr(device, "type", str(device)) == "cuda" else 2048
+    """Padded tokens per forward pass when ``--max-batch-tokens`` is not given.
+
+    On CPU bigger batches are slower, not faster: activations leave the cache
+    and padding grows while the matrix products gain nothing past ~128 rows;
+    512 lets short pairs share a pass (measured in docs/performance.md).
+    """
+    return 65536 if getattr(device, "type", str(device)) == "cuda" else 512
 
 
 def status_counts(statuses: Any) -> dict[str, int]:

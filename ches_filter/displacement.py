@@ -1,0 +1,512 @@
+"""Measure likelihood displacement on the user's own model: the ``displacement`` pipeline.
+
+For a sample of pairs, each pair on its own, from the same initial model θ:
+
+* first order: with ``g+ = ∇θ log π(y+|x)`` and ``g- = ∇θ log π(y-|x)`` (log π
+  summed over the response tokens of the token layout, the ones CHES counts),
+  one DPO gradient step moves θ along ``g+ - g-``, so per unit step::
+
+      first_order_dlogp_chosen   = <g+, g+ - g-> = ||g+||² - <g+, g->   (= D; D < 0: y+ falls)
+      first_order_dlogp_rejected = <g-, g+ - g-> = <g+, g-> - ||g-||²
+
+  A real SGD step with learning rate ``lr`` on the DPO loss (β, reference =
+  initial model) moves θ by ``lr·β·σ(0)·(g+ - g-) = lr·β/2·(g+ - g-)``, so it
+  changes log π(y+) by ``lr·β/2·D`` to first order.
+* optionally (``steps > 0``) ``steps`` real SGD steps on that pair's DPO loss,
+  recording the actual changes ``dlogp_chosen`` and ``dlogp_rejected``.
+
+Gradients are held one at a time: parameters, ``g+`` and ``g-`` (or the
+saved initial parameters during the real steps) make ~3 × the model's size.
+Every measure (CHES, LN-CHES, last_hidden_ip, edit_distance) comes from the
+same forward passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from . import __version__
+from .config import DisplacementConfig, ScoreConfig
+from .errors import BadDataError, BadFlagError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PairProbe", "measure_displacement", "displacement_summary", "format_summary", "DISPLACEMENT_COLUMNS"]
+
+#: Measures correlated against displacement, with the sign that makes "higher = more risk".
+SIGNED_MEASURES = (("ches", 1), ("ln_ches", 1), ("last_hidden_ip", 1), ("edit_distance", -1))
+DISPLACEMENT_COLUMNS = (
+    "first_order_dlogp_chosen", "first_order_dlogp_rejected", "dlogp_chosen", "dlogp_rejected", "step_rounding_error",
+    "logp_chosen", "logp_rejected", "grad_sq_norm_chosen", "grad_sq_norm_rejected", "grad_inner",
+    "ches", "ln_ches", "last_hidden_ip", "edit_distance", "prompt_tokens", "chosen_tokens", "rejected_tokens",
+)
+_CHUNK = 1 << 22  # elements per float64 slice when reducing gradients
+
+
+@dataclass
+class SideOutput:
+    """One forward pass over ``P + R``.
+
+    Attributes:
+        logp: scalar ``log π(R|P)`` (summed over R), attached to the graph when gradients are on.
+        hidden: ``(|R|, D)`` float64 final hidden states at the positions predicting R (detached).
+    """
+
+    logp: Any
+    hidden: Any
+
+
+class PairProbe:
+    """First-order and K-step DPO displacement of single pairs on one causal LM.
+
+    Args:
+        lm: a transformers causal LM (with its LM head); its parameters are
+            switched to ``requires_grad`` and restored after every real step.
+        device: where inputs go.
+    """
+
+    def __init__(self, lm: Any, device: Any) -> None:
+        import torch
+
+        self.lm = lm
+        self.base = lm.base_model
+        self.device = torch.device(device)
+        lm.eval()  # no dropout: the gradient must be that of the deterministic model
+        self.params = [p for p in lm.parameters() if p.is_floating_point()]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    # ---------------------------------------------------------------- forward
+    def side(self, prompt: Sequence[int], response: Sequence[int], *, grad: bool) -> SideOutput:
+        """``log π(response | prompt)`` and the response-position hidden states.
+
+        The input is ``P + R[:-1]``: the last response token (EOS in the
+        paper layout) is only ever predicted, as in the scoring engine.
+        """
+        import torch
+
+        ids = torch.tensor([list(prompt) + list(response[:-1])], device=self.device)
+        captured: dict[str, Any] = {}
+
+        def keep(_module, _args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+        hook = self.base.register_forward_hook(keep)
+        try:
+            with torch.set_grad_enabled(grad):
+                # Only the last |R| positions predict response tokens; skip the rest of the LM head.
+                logits = self.lm(input_ids=ids, use_cache=False, logits_to_keep=len(response)).logits[0, -len(response):]
+                if logits.dtype in (torch.float16, torch.bfloat16):
+                    logits = logits.float()
+                target = torch.tensor(list(response), device=logits.device)
+                logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
+        finally:
+            hook.remove()
+        p = len(prompt)
+        hidden = captured["hidden"][0, p - 1 : p - 1 + len(response)].detach().to(torch.float64)
+        return SideOutput(logp if grad else logp.detach(), hidden)
+
+    def _grad(self, scalar: Any) -> tuple:
+        import torch
+
+        return torch.autograd.grad(scalar, self.params, allow_unused=True)
+
+    # ------------------------------------------------------------ first order
+    def first_order(self, prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> dict:
+        """``D`` for both sides, gradient norms and every measure for one pair.
+
+        Returns:
+            dict with ``first_order_dlogp_chosen``/``_rejected``, ``logp_*``,
+            ``grad_sq_norm_*``, ``grad_inner`` and the measures.
+        """
+        import torch
+
+        from .ches import ches_from_sums, ln_ches_from_sums
+        from .measures import last_hidden_ip, normalized_edit_distance
+
+        plus = self.side(prompt, chosen, grad=True)
+        g_plus = self._grad(plus.logp)
+        minus = self.side(prompt, rejected, grad=True)
+        g_minus = self._grad(minus.logp)
+        sums = self._reduce(g_plus, g_minus)
+        del g_plus, g_minus
+        s_c, s_r = plus.hidden.sum(0, keepdim=True), minus.hidden.sum(0, keepdim=True)
+        n_c, n_r = torch.tensor([len(chosen)]), torch.tensor([len(rejected)])
+        return {
+            "first_order_dlogp_chosen": sums["plus_diff"],
+            "first_order_dlogp_rejected": sums["minus_diff"],
+            "logp_chosen": float(plus.logp.detach()),
+            "logp_rejected": float(minus.logp.detach()),
+            "grad_sq_norm_chosen": sums["plus_plus"],
+            "grad_sq_norm_rejected": sums["minus_minus"],
+            "grad_inner": sums["plus_minus"],
+            "ches": float(ches_from_sums(s_c, s_r)[0]),
+            "ln_ches": float(ln_ches_from_sums(s_c, s_r, n_c, n_r)[0]),
+            "last_hidden_ip": float(last_hidden_ip(plus.hidden[-1:], minus.hidden[-1:])[0]),
+            "edit_distance": normalized_edit_distance(chosen, rejected),
+        }
+
+    @staticmethod
+    def _reduce(g_plus: Sequence[Any], g_minus: Sequence[Any]) -> dict[str, float]:
+        """``||g+||²``, ``||g-||²``, ``<g+, g->`` and both D's over all parameters.
+
+        Products are accumulated in float64 slice by slice (no float64 copy of
+        a whole gradient), so ``||g+||² - <g+, g->`` keeps ~12 significant
+        digits unless the two gradients agree to 1e-12.
+        """
+        import torch
+
+        acc = None
+        for a, b in zip(g_plus, g_minus):
+            if a is None and b is None:
+                continue
+            ref = a if a is not None else b
+            a = a if a is not None else torch.zeros_like(ref)
+            b = b if b is not None else torch.zeros_like(ref)
+            fa, fb = a.reshape(-1), b.reshape(-1)
+            for start in range(0, fa.numel(), _CHUNK):
+                x = fa[start : start + _CHUNK].to(torch.float64)
+                y = fb[start : start + _CHUNK].to(torch.float64)
+                part = torch.stack([x @ x, y @ y, x @ y])
+                acc = part if acc is None else acc + part
+        if acc is None:
+            raise ValueError("the model has no parameter that the log-likelihood depends on")
+        pp, mm, pm = acc.tolist()  # one device sync
+        return {"plus_plus": pp, "minus_minus": mm, "plus_minus": pm, "plus_diff": pp - pm, "minus_diff": pm - mm}
+
+    # ------------------------------------------------------------- real steps
+    def dpo_steps(
+        self, prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], *, steps: int, lr: float, beta: float,
+        ref_logps: tuple[float, float] | None = None, watch: dict[str, Sequence[int]] | None = None,
+    ) -> dict:
+        """``steps`` plain-SGD steps on this pair's DPO loss; parameters are restored afterwards.
+
+        The reference model is the initial model, so the first step's loss is
+        ``log 2`` and its gradient is ``-β/2 (g+ - g-)``.
+
+        Args:
+            ref_logps: ``(log π(y+), log π(y-))`` of the initial model if
+                already known (saves two forward passes).
+            watch: other responses to the same prompt, by name, whose change
+                to report too (the paper's " Yes" when training " No" over " Never").
+
+        Returns:
+            dict with ``dlogp_chosen`` and ``dlogp_rejected`` (and
+            ``dlogp_<name>`` per watched response): log π after the steps minus
+            log π before, in nats; ``step_rounding_error``: ``||applied -
+            intended|| / ||intended||`` over all updates, the share of the SGD
+            update lost to the weights' floating-point rounding (raise ``lr``
+            when it is not small).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            if ref_logps is None:
+                ref_logps = (float(self.side(prompt, chosen, grad=False).logp), float(self.side(prompt, rejected, grad=False).logp))
+            ref_c, ref_r = ref_logps
+            watch = dict(watch or {})
+            lost = wanted = 0.0
+            before = {name: float(self.side(prompt, ids, grad=False).logp) for name, ids in watch.items()}
+            for _ in range(steps):
+                plus = self.side(prompt, chosen, grad=True).logp
+                minus = self.side(prompt, rejected, grad=True).logp
+                loss = -F.logsigmoid(beta * ((plus - ref_c) - (minus - ref_r)))
+                grads = self._grad(loss)
+                with torch.no_grad():
+                    for p, g in zip(self.params, grads):
+                        if g is None:
+                            continue
+                        part_lost, part_wanted = _sgd_update(p, g, lr)
+                        lost += part_lost
+                        wanted += part_wanted
+                del grads, plus, minus, loss
+            after_c = self.side(prompt, chosen, grad=False).logp
+            after_r = self.side(prompt, rejected, grad=False).logp
+            out = {
+                "dlogp_chosen": float(after_c) - ref_c,
+                "dlogp_rejected": float(after_r) - ref_r,
+                "step_rounding_error": math.sqrt(lost / wanted) if wanted > 0 else 0.0,
+            }
+            for name, ids in watch.items():
+                out[f"dlogp_{name}"] = float(self.side(prompt, ids, grad=False).logp) - before[name]
+            return out
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+
+
+def _sgd_update(p: Any, g: Any, lr: float) -> tuple[float, float]:
+    """``p -= lr * g`` in place; returns ``(||applied - intended||², ||intended||²)``.
+
+    An update below half the weights' rounding step vanishes in float32 or
+    bfloat16, so the applied change is measured. ``new - old`` is exact
+    (Sterbenz: the two are within a factor 2), so float32 arithmetic suffices;
+    the sums are accumulated slice by slice in float64.
+    """
+    import torch
+
+    flat_p, flat_g = p.data.view(-1), g.reshape(-1)
+    lost = wanted = 0.0
+    for start in range(0, flat_p.numel(), _CHUNK):
+        stop = start + _CHUNK
+        step = flat_g[start:stop].float()
+        applied = flat_p[start:stop].to(torch.float32, copy=True)  # the old weights (.float() would alias float32)
+        flat_p[start:stop].add_(flat_g[start:stop], alpha=-lr)
+        applied.sub_(flat_p[start:stop].float()).neg_()  # new - old
+        applied.add_(step, alpha=lr)  # applied - intended, intended = -lr * g
+        lost += float(applied.square().sum(dtype=torch.float64))
+        wanted += lr * lr * float(step.square().sum(dtype=torch.float64))
+    return lost, wanted
+
+
+# ------------------------------------------------------------------ sampling
+def _sample(ds: Any, layout: str, columns: Any, encoder: Any, config: DisplacementConfig, max_length: int) -> list[tuple[int, Any, Any]]:
+    """Up to ``config.sample`` scorable ``(row, Pair, EncodedPair)``, drawn uniformly with ``config.seed``; sorted by row."""
+    import numpy as np
+
+    from .formats import normalize_row
+
+    order = np.random.default_rng(config.seed).permutation(len(ds))
+    picked: list[tuple[int, Any, Any]] = []
+    skipped: dict[str, int] = {}
+    for index in order.tolist():
+        pair = normalize_row(ds[index], layout, columns)
+        status = pair.status
+        if status == "ok":
+            try:
+                enc = encoder.encode(pair)
+            except BadDataError:
+                raise
+            except Exception:  # noqa: BLE001 - chat templates raise anything
+                status = "chat_template_error"
+            else:
+                if enc.longest_sequence > max_length:
+                    status = "too_long"
+                elif enc.chosen == enc.rejected:
+                    status = "identical_responses"
+        if status == "ok":
+            picked.append((index, pair, enc))
+            if len(picked) == config.sample:
+                break
+        else:
+            skipped[status] = skipped.get(status, 0) + 1
+    if skipped:
+        logger.info("skipped while sampling: %s", ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())))
+    if not picked:
+        raise BadDataError("no pair of the input can be probed (every row was skipped: "
+                           + ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) + ")")
+    if len(picked) < config.sample:
+        logger.warning("only %d scorable pairs in the input; `--sample %d` asked for more", len(picked), config.sample)
+    return sorted(picked, key=lambda item: item[0])
+
+
+def _watched(encoder: Any, pair: Any, enc: Any, watch: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Token ids of each watched response, encoded as if it were the chosen one.
+
+    A response whose encoding would move the prompt boundary (possible with
+    ``--layout trl``) is left out: its change is then recorded as None.
+    """
+    out = {}
+    for name, text in watch.items():
+        other = encoder.encode(dataclasses.replace(pair, chosen=text, chosen_text=text))
+        if other.prompt == enc.prompt:
+            out[name] = other.chosen
+    return out
+
+
+# ------------------------------------------------------------------ pipeline
+def measure_displacement(
+    data: Any,
+    config: DisplacementConfig | None = None,
+    score_config: ScoreConfig | None = None,
+    *,
+    model: Any = None,
+    progress: bool | None = None,
+    watch: dict[str, str] | None = None,
+) -> Any:
+    """Probe a sample of pairs: first-order D (and real DPO steps) plus every measure.
+
+    Args:
+        data: path, ``datasets.Dataset`` or list of row dicts.
+        config: sample size, seed and the optional real steps.
+        score_config: how to read the input and which model to load; ``dtype``
+            ``auto`` means float32 here (SGD steps of 1e-5 vanish in bfloat16).
+        model: a :class:`~ches_filter.model.LoadedModel` loaded ``with_lm_head``.
+        progress: show a progress bar (default: not ``score_config.quiet``).
+        watch: with ``steps``, other responses (name -> text) whose log-likelihood
+            change to record as ``dlogp_<name>``, tokenized like the chosen
+            response (e.g. ``{"yes": " Yes"}`` for the paper's persona toy).
+
+    Returns:
+        A ``pyarrow.Table``, one row per probed pair in ``row_index`` order:
+        ``row_index``, the id column if configured, then
+        :data:`DISPLACEMENT_COLUMNS` (``dlogp_*`` only with ``steps > 0``).
+        The schema metadata (``ches_filter``) holds the settings and the
+        :func:`displacement_summary`.
+    """
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from .batching import PairEncoder
+    from .model import load_model
+    from .scoring import load_input
+
+    config = config or DisplacementConfig()
+    score_config = score_config or ScoreConfig()
+    watch = dict(watch or {})
+    for name in watch:
+        if not name.isidentifier() or f"dlogp_{name}" in DISPLACEMENT_COLUMNS:
+            raise BadFlagError(f"watch name {name!r} must be an identifier other than chosen/rejected")
+    ds, layout, columns = load_input(data, score_config)
+    if model is None:
+        model = load_model(
+            score_config.model,
+            revision=score_config.revision,
+            trust_remote_code=score_config.trust_remote_code,
+            dtype="float32" if score_config.dtype == "auto" else score_config.dtype,
+            device=score_config.device,
+            attn_implementation=score_config.attn_implementation,
+            device_map=score_config.device_map,
+            with_lm_head=True,
+        )
+    if model.decoder.get_output_embeddings() is None:
+        raise BadDataError("displacement needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    encoder = PairEncoder(
+        model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
+    )
+    if not encoder.use_chat_template and layout.endswith("conversational"):
+        raise BadDataError(
+            f"the input is {layout} but no chat template can be used; conversational prompts need one: use a "
+            "model that has one, or give `prompt`/`chosen`/`rejected` as plain strings"
+        )
+    max_length = score_config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
+    picked = _sample(ds, layout, columns, encoder, config, max_length)
+    probe = PairProbe(model.decoder, model.device)
+    show = (not score_config.quiet) if progress is None else progress
+    records = []
+    for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
+        record = {"row_index": index}
+        record.update(probe.first_order(enc.prompt, enc.chosen, enc.rejected))
+        if config.steps:
+            record.update(probe.dpo_steps(
+                enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
+                ref_logps=(record["logp_chosen"], record["logp_rejected"]), watch=_watched(encoder, pair, enc, watch),
+            ))
+            for name in watch:
+                record.setdefault(f"dlogp_{name}", None)
+        record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))
+        records.append(record)
+    step_columns = ("dlogp_chosen", "dlogp_rejected", "step_rounding_error")
+    names = ["row_index"] + [c for c in DISPLACEMENT_COLUMNS if config.steps or c not in step_columns]
+    if config.steps:
+        names += [f"dlogp_{name}" for name in watch]
+    if config.steps:
+        errors = sorted(r["step_rounding_error"] for r in records)
+        median = errors[len(errors) // 2]
+        if median > 0.05:
+            dtype = str(model.dtype).replace("torch.", "")
+            logger.warning(
+                "%.0f%% of each SGD update (median) was lost to the weights' rounding: `--lr %g` is too small for "
+                "%s weights; raise `--lr` (aim for |dlogp| of ~0.01-0.1 nats per step)%s",
+                100 * median, config.lr, dtype, "" if dtype == "float32" else " or use `--dtype float32`",
+            )
+    arrays = {name: [r[name] for r in records] for name in names}
+    fields = []
+    for name in names:
+        typ = pa.int64() if name == "row_index" or name.endswith("_tokens") else pa.float64()
+        fields.append((name, pa.array(arrays[name], typ)))
+    if columns.id:
+        ids = ds.select_columns([columns.id])[[item[0] for item in picked]][columns.id] if picked else []
+        fields.insert(1, (columns.id, pa.array(ids)))
+    table = pa.table(dict(fields))
+    summary = displacement_summary(table, steps=config.steps)
+    metadata = {
+        "ches_filter_version": __version__,
+        "kind": "displacement",
+        "model": model.info,
+        "input_format": layout,
+        "token_layout": score_config.layout,
+        "use_chat_template": encoder.use_chat_template,
+        "columns": dataclasses.asdict(columns),
+        "input": str(data) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else None,
+        "num_rows": len(ds),
+        "config": dataclasses.asdict(config),
+        "summary": summary,
+    }
+    return table.replace_schema_metadata({b"ches_filter": json.dumps(metadata).encode()})
+
+
+# ------------------------------------------------------------------- summary
+def _quartiles(values: list[float], n: int) -> tuple[list[int], list[int]]:
+    """Row positions of the top and bottom quarter (at least one each) ranked by ``values``."""
+    order = sorted(range(n), key=lambda i: (values[i], i))
+    q = max(1, n // 4)
+    return order[-q:], order[:q]
+
+
+def displacement_summary(table: Any, *, steps: int = 0) -> dict:
+    """Spearman correlations of each measure with displacement, and displaced fractions by quartile.
+
+    "Displacement" is ``-first_order_dlogp_chosen`` (and ``-dlogp_chosen``
+    after real steps); each measure is signed so that higher means more risk
+    (``-edit_distance``). A pair is displaced when its chosen log-likelihood
+    falls (``D < 0``, or ``dlogp_chosen < 0``).
+    """
+    from .report import rank_correlation
+
+    cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    n = table.num_rows
+    targets = [("first_order", [-v for v in cols["first_order_dlogp_chosen"]])]
+    if "dlogp_chosen" in cols:
+        targets.append((f"steps_{steps}", [-v for v in cols["dlogp_chosen"]]))
+    spearman = {}
+    for measure, sign in SIGNED_MEASURES:
+        if measure not in cols:
+            continue
+        key = measure if sign > 0 else f"-{measure}"
+        spearman[key] = {name: rank_correlation([sign * v for v in cols[measure]], target) for name, target in targets}
+    displaced = {}
+    for measure in ("ches", "ln_ches"):
+        if measure not in cols or n == 0:
+            continue
+        top, bottom = _quartiles(cols[measure], n)
+        entry = {"quartile_size": len(top)}
+        for name, column in (("first_order", "first_order_dlogp_chosen"), (f"steps_{steps}", "dlogp_chosen")):
+            if column in cols:
+                entry[name] = {
+                    "top": sum(cols[column][i] < 0 for i in top) / len(top),
+                    "bottom": sum(cols[column][i] < 0 for i in bottom) / len(bottom),
+                    "all": sum(v < 0 for v in cols[column]) / n,
+                }
+        displaced[measure] = entry
+    return {"pairs": n, "steps": steps, "spearman": spearman, "displaced_fraction": displaced}
+
+
+def format_summary(summary: dict) -> list[str]:
+    """The printed table: Spearman rho per measure, then displaced fractions by quartile."""
+    targets = ["first_order"] + ([f"steps_{summary['steps']}"] if summary["steps"] else [])
+    heads = {"first_order": "vs -D (first order)", f"steps_{summary['steps']}": f"vs -dlogp+ ({summary['steps']} DPO steps)"}
+    lines = [f"Spearman correlation with displacement over {summary['pairs']} pairs (higher = the measure ranks displaced pairs as risky):"]
+    lines.append(f"  {'measure':<16}" + "".join(f"{heads[t]:>30}" for t in targets))
+    for measure, row in summary["spearman"].items():
+        cells = "".join(f"{'n/a' if row.get(t) is None else format(row[t], '+.3f'):>30}" for t in targets)
+        lines.append(f"  {measure:<16}{cells}")
+    for measure, entry in summary["displaced_fraction"].items():
+        for t in targets:
+            if t not in entry:
+                continue
+            what = "D < 0" if t == "first_order" else "dlogp+ < 0"
+            f = entry[t]
+            lines.append(
+                f"pairs with {what}: top {measure} quartile {f['top']:.0%}, bottom quartile {f['bottom']:.0%}, "
+                f"all {f['all']:.0%} ({entry['quartile_size']} pairs per quartile)"
+            )
+    return lines
