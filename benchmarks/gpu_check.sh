@@ -12,15 +12,23 @@
 #
 #   bash benchmarks/gpu_check.sh                # all steps
 #   STEP_TIMEOUT=300 bash benchmarks/gpu_check.sh
+#   DEVICE=cpu N_SMALL=2 N_BIG=2 REPEAT=1 bash benchmarks/gpu_check.sh   # rehearse the script without a GPU
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
 STEP_TIMEOUT=${STEP_TIMEOUT:-180}
+DEVICE=${DEVICE:-cuda}
+N_SMALL=${N_SMALL:-64}
+N_BIG=${N_BIG:-512}
+REPEAT=${REPEAT:-2}
+export DEVICE
 mkdir -p "$OUT"
 
 python - <<'EOF' 2>&1 | tee "$OUT/environment.txt"
-import platform, torch, transformers
+import os, platform, torch, transformers
 print("python", platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__)
+if os.environ["DEVICE"] != "cuda":
+    raise SystemExit(print(f"device {os.environ['DEVICE']} (a rehearsal: the numbers say nothing about a GPU)"))
 if not torch.cuda.is_available():
     raise SystemExit("no CUDA device visible: this check needs a GPU")
 print("device", torch.cuda.get_device_name(0), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB",
@@ -33,15 +41,15 @@ step() {
     local name=$1
     shift
     echo "=== $name: bench_score.py $*"
-    timeout "$STEP_TIMEOUT" python benchmarks/bench_score.py --device cuda "$@" --json "$OUT/$name.json" 2>&1 \
+    timeout "$STEP_TIMEOUT" python benchmarks/bench_score.py --device "$DEVICE" "$@" --json "$OUT/$name.json" 2>&1 \
         | grep -v -e "Loading weights" -e "it/s]" | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 0 ] || { echo "=== $name failed (exit $rc)"; status=1; }
 }
 
-step smollm2-fp32 --dtype float32 --n 64 --repeat 2
-step smollm2-bf16 --dtype bfloat16 --n 512 --repeat 2 --compare-dtype float32
-step llama1b-bf16 --dtype bfloat16 --n 512 --repeat 2 --random-init llama-1b --compare-dtype float32
+step smollm2-fp32 --dtype float32 --n "$N_SMALL" --repeat "$REPEAT"
+step smollm2-bf16 --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --compare-dtype float32
+step llama1b-bf16 --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --random-init llama-1b --compare-dtype float32
 
 echo "=== summary"
 python - "$OUT" <<'EOF'
@@ -51,7 +59,7 @@ for path in sorted(Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
     e, p = r.get("engine", {}), r.get("paper", {})
     line = (f"{path.stem:<14} engine {e.get('pairs_per_s', 0):8.1f} pairs/s ({100 * e.get('useful_fraction_of_peak', 0):4.1f}% of "
-            f"{r['matmul_peak_flop_per_s'] / 1e12:.0f} TFLOP/s peak)  paper {p.get('pairs_per_s', 0):6.1f} pairs/s  "
+            f"{r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s peak)  paper {p.get('pairs_per_s', 0):6.1f} pairs/s  "
             f"speed-up {r.get('speedup', 0):5.1f}x  max rel diff CHES {r.get('max_rel_diff_ches', float('nan')):.1e}")
     if "compare" in r:
         c = r["compare"]

@@ -45,7 +45,20 @@ DISPLACEMENT_COLUMNS = (
     "logp_chosen", "logp_rejected", "grad_sq_norm_chosen", "grad_sq_norm_rejected", "grad_inner",
     "ches", "ln_ches", "last_hidden_ip", "edit_distance", "prompt_tokens", "chosen_tokens", "rejected_tokens",
 )
-_CHUNK = 1 << 22  # elements per float64 slice when reducing gradients
+_CHUNK = 1 << 22  # elements per slice when reducing or updating (bounds the temporaries)
+_ROW = 1 << 16  # elements per float32 partial sum in _reduce
+
+
+def _rows(flat: Any) -> Any:
+    """A flat slice as ``(rows, _ROW)``, zero-padded at the end (float16/bfloat16 upcast to float32)."""
+    import torch
+
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    pad = (-flat.numel()) % _ROW
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, _ROW)
 
 
 @dataclass
@@ -155,9 +168,11 @@ class PairProbe:
     def _reduce(g_plus: Sequence[Any], g_minus: Sequence[Any]) -> dict[str, float]:
         """``||g+||²``, ``||g-||²``, ``<g+, g->`` and both D's over all parameters.
 
-        Products are accumulated in float64 slice by slice (no float64 copy of
-        a whole gradient), so ``||g+||² - <g+, g->`` keeps ~12 significant
-        digits unless the two gradients agree to 1e-12.
+        D± are summed from the difference ``g+ - g-`` itself (``<g+, g+ - g->``),
+        not as ``||g+||² - <g+, g->``, so nearly identical responses (the risky
+        ones) keep their digits. Products run in the gradients' dtype over rows
+        of 65,536 elements (float32 row sums are accurate to ~1e-7 there) and the
+        rows are added in float64.
         """
         import torch
 
@@ -170,14 +185,17 @@ class PairProbe:
             b = b if b is not None else torch.zeros_like(ref)
             fa, fb = a.reshape(-1), b.reshape(-1)
             for start in range(0, fa.numel(), _CHUNK):
-                x = fa[start : start + _CHUNK].to(torch.float64)
-                y = fb[start : start + _CHUNK].to(torch.float64)
-                part = torch.stack([x @ x, y @ y, x @ y])
+                x, y = _rows(fa[start : start + _CHUNK]), _rows(fb[start : start + _CHUNK])
+                d = x - y
+                part = torch.stack([
+                    torch.linalg.vecdot(x, x), torch.linalg.vecdot(y, y),
+                    torch.linalg.vecdot(x, d), torch.linalg.vecdot(y, d),
+                ]).to(torch.float64).sum(1)
                 acc = part if acc is None else acc + part
         if acc is None:
             raise ValueError("the model has no parameter that the log-likelihood depends on")
-        pp, mm, pm = acc.tolist()  # one device sync
-        return {"plus_plus": pp, "minus_minus": mm, "plus_minus": pm, "plus_diff": pp - pm, "minus_diff": pm - mm}
+        pp, mm, pd, md = acc.tolist()  # one device sync
+        return {"plus_plus": pp, "minus_minus": mm, "plus_minus": pp - pd, "plus_diff": pd, "minus_diff": md}
 
     # ------------------------------------------------------------- real steps
     def dpo_steps(

@@ -760,7 +760,7 @@ def _score_parts(scorer: Any, work: WorkDir, plan: dict, group: _Group, show: bo
     runs.append(run)
     work.write_stats(topology.worker, runs)
     t0 = time.time()
-    for start, stop, table in scorer.score_ranges(plan["mine"], on_chunk=lambda _s, _c, n: bar.advance(n)):
+    for start, stop, table in scorer.score_ranges(plan["mine"], on_rows=bar.advance):
         work.write_part(table, start, stop, topology.worker)
         run["parts_written"] += 1
         run["rows_scored"] += stop - start

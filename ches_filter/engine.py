@@ -31,9 +31,10 @@ The final hidden state is the decoder's ``last_hidden_state``: the output of the
 final norm, the vector the unembedding multiplies. No logits are computed.
 
 Masks are built once per batch as additive float tensors in the model's dtype
-(0 where attention is allowed, the dtype's minimum elsewhere): torch's SDPA
-would otherwise turn a boolean mask into that same float tensor in every
-layer. Models whose layers differ in attention span (``config.layer_types``
+(0 where attention is allowed, the dtype's minimum elsewhere), the form both
+eager attention and SDPA's math paths consume (a boolean mask would be
+converted per layer; on CPU the two measure the same, docs/performance.md).
+Models whose layers differ in attention span (``config.layer_types``
 with ``sliding_attention``) get one mask per layer type; the sliding-window
 rule is applied to logical positions, which restart for the rejected branch.
 """
@@ -45,7 +46,7 @@ import logging
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -236,13 +237,19 @@ class Engine:
         return "packed"
 
     # ------------------------------------------------------------------ public
-    def run(self, pairs: Sequence[EncodedPair]) -> PairStates:
+    def run(self, pairs: Sequence[EncodedPair], on_progress: Callable[[int], None] | None = None) -> PairStates:
         """Score pairs in token-budget batches; results come back in input order.
 
         On an out-of-memory error the budget is halved, the failed batch is
         split in two and retried, and batches planned under the old budget are
         re-split as they come up: no pair is lost or scored twice. With CPU
         workers, see :attr:`workers`, up to that many batches run at once.
+
+        Args:
+            pairs: the encoded pairs.
+            on_progress: called with the number of pairs of each batch once its
+                states are stored (from the calling thread), e.g. to move a
+                progress bar.
         """
         n = len(pairs)
         dim = self.config.hidden_size
@@ -256,7 +263,7 @@ class Engine:
             while queue:
                 batch = self._next_batch(queue, costs)
                 if batch is not None:
-                    self._finish(batch, self._attempt(pairs, batch), queue, costs, out)
+                    self._finish(batch, self._attempt(pairs, batch), queue, costs, out, on_progress)
             return out
         threads = torch.get_num_threads()
         # Each worker runs its forward passes single-threaded (intra-op threads
@@ -272,7 +279,7 @@ class Engine:
                             pending[pool.submit(self._attempt, pairs, batch)] = batch
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
-                        self._finish(pending.pop(future), future.result(), queue, costs, out)
+                        self._finish(pending.pop(future), future.result(), queue, costs, out, on_progress)
         finally:
             torch.set_num_threads(threads)
         return out
@@ -296,7 +303,10 @@ class Engine:
                 raise
             return exc
 
-    def _finish(self, batch: list[int], result: Any, queue: deque, costs: Sequence[int], out: PairStates) -> None:
+    def _finish(
+        self, batch: list[int], result: Any, queue: deque, costs: Sequence[int], out: PairStates,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
         """Store a batch's states, or on OOM halve the budget and queue the batch's two halves first."""
         if isinstance(result, BaseException):
             if self.device.type == "cuda":
@@ -314,6 +324,8 @@ class Engine:
         index = torch.tensor(batch)
         for field, value in zip(("s_chosen", "s_rejected", "last_chosen", "last_rejected"), result):
             getattr(out, field)[index] = value.cpu()
+        if on_progress is not None:
+            on_progress(len(batch))
 
     # ----------------------------------------------------------------- helpers
     def _cost(self, pair: EncodedPair) -> int:

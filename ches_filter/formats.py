@@ -310,11 +310,23 @@ def normalize_row(row: dict, layout: str, columns: Columns) -> Pair:
 
 
 def _first_value(sample_rows: list[dict], column: str) -> Any:
-    """Return the first non-None value of ``column`` in the sample, or None."""
+    """Return a representative value of ``column`` in the sample, or None.
+
+    The first non-empty string or message list wins; only when the sample has
+    none is the first non-None value returned (for the error message). A junk
+    or empty first row thus gets its own per-row status instead of deciding
+    the layout of the whole file.
+    """
+    fallback = None
     for row in sample_rows[:_SAMPLE_LIMIT]:
-        if isinstance(row, Mapping) and row.get(column) is not None:
-            return row[column]
-    return None
+        if not isinstance(row, Mapping) or row.get(column) is None:
+            continue
+        value = row[column]
+        if (isinstance(value, str) and value.strip()) or is_conversational(value):
+            return value
+        if fallback is None:
+            fallback = value
+    return fallback
 
 
 def _describe(value: Any) -> str:

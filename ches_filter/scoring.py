@@ -357,6 +357,7 @@ class PairScorer:
         ranges: Sequence[tuple[int, int]],
         *,
         on_chunk: Callable[[int, dict, int], None] | None = None,
+        on_rows: Callable[[int], None] | None = None,
     ) -> Iterator[tuple[int, int, Any]]:
         """Score contiguous row ranges; yield ``(start, stop, table)`` for each, in order.
 
@@ -370,6 +371,9 @@ class PairScorer:
             ranges: ``(start, stop)`` row ranges, half open; empty ones are skipped.
             on_chunk: called as ``on_chunk(start, chunk, rows)`` after each chunk
                 (``chunk`` maps the read column names to Python lists).
+            on_rows: called with a row count as rows finish, after every
+                forward batch (for a progress bar); the counts of a chunk add
+                up to its rows.
         """
         import pyarrow as pa
 
@@ -383,7 +387,7 @@ class PairScorer:
 
         range_index = 0
         for prepared, chunk in _prefetch(self._chunks(pending_ranges, view), prepare):
-            batches.append(self._score_chunk(prepared, chunk))
+            batches.append(self._score_chunk(prepared, chunk, on_rows))
             rows = len(prepared.statuses)
             if on_chunk is not None:
                 on_chunk(prepared.start, chunk, rows)
@@ -395,7 +399,7 @@ class PairScorer:
         if range_index != len(pending_ranges):  # a chunk reader that returned short would land here
             raise RuntimeError(f"rows {pending_ranges[range_index]} were not scored")
 
-    def _score_chunk(self, prepared: _Prepared, chunk: dict) -> Any:
+    def _score_chunk(self, prepared: _Prepared, chunk: dict, on_rows: Callable[[int], None] | None = None) -> Any:
         """One chunk's rows as an Arrow record batch of :attr:`schema`."""
         import pyarrow as pa
         import torch
@@ -421,7 +425,7 @@ class PairScorer:
         from_states = [m for m in measures if m != "edit_distance"]
         run = ok + (identical if "last_hidden_ip" in values else []) if from_states else []
         if run:
-            states = self.engine.run([encoded[i] for i in run])
+            states = self.engine.run([encoded[i] for i in run], on_progress=on_rows)
             computed: dict[str, list[float]] = {}
             if "ches" in values:
                 computed["ches"] = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
@@ -441,6 +445,8 @@ class PairScorer:
                     prepared.statuses[i] = "non_finite"
                     if "edit_distance" in values:
                         values["edit_distance"][i] = None
+        if on_rows is not None and n > len(run):
+            on_rows(n - len(run))  # rows that needed no forward pass
         out: dict[str, list] = {
             "row_index": list(range(prepared.start, prepared.start + n)),
             **values,
@@ -492,11 +498,31 @@ def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = No
         For datasets larger than memory, or to resume after a crash, use
         :func:`ches_filter.distributed.score_to_file`.
     """
+    config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
+    ds, layout, columns = load_input(data, config)
+    return score_loaded(ds, layout, columns, config, model=model, progress=progress, source=data)
+
+
+def score_loaded(
+    ds: Any, layout: str, columns: Columns, config: ScoreConfig, *, model: Any = None, progress: bool | None = None, source: Any = None
+):
+    """:func:`score_pairs` for a dataset :func:`load_input` already opened (no second read or layout log).
+
+    Args:
+        ds: the ``datasets.Dataset``.
+        layout: its layout, one of :data:`ches_filter.formats.LAYOUTS`.
+        columns: the column mapping.
+        config: the scoring settings.
+        model: an already loaded model, or None to load ``config.model``.
+        progress: show a progress bar (default: not ``config.quiet``).
+        source: what the rows were read from, recorded in the metadata.
+
+    Returns:
+        The score table, as :func:`score_pairs`.
+    """
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
-    ds, layout, columns = load_input(data, config)
     scorer = build_scorer(ds, layout, columns, config, model)
     digest = hashlib.sha256()
     show = (not config.quiet) if progress is None else progress
@@ -504,13 +530,12 @@ def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = No
 
     def on_chunk(start: int, chunk: dict, rows: int) -> None:
         _hash_rows(digest, chunk, scorer.names)
-        bar.update(rows)
 
-    tables = [table for _, _, table in scorer.score_ranges([(0, len(ds))], on_chunk=on_chunk)]
+    tables = [table for _, _, table in scorer.score_ranges([(0, len(ds))], on_chunk=on_chunk, on_rows=bar.update)]
     bar.close()
     table = pa.concat_tables(tables) if tables else scorer.schema.empty_table()
     counts = status_counts(table.column("status"))
-    metadata = scorer.metadata(data=data, fingerprint=digest.hexdigest(), counts=counts)
+    metadata = scorer.metadata(data=source, fingerprint=digest.hexdigest(), counts=counts)
     table = table.replace_schema_metadata({b"ches_filter": json.dumps(metadata).encode()})
     logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), len(ds), ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return table

@@ -180,13 +180,13 @@ def prune_pairs(
     import pyarrow as pa
 
     from .io import read_table
-    from .scoring import load_input, score_pairs
+    from .scoring import load_input, score_loaded
 
     config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
     score_config = score_config or ScoreConfig()
     ds, layout, columns = load_input(data, score_config)
     if scores is None:
-        table = score_pairs(ds, dataclasses.replace(score_config, input_format=layout), model=model)
+        table = score_loaded(ds, layout, columns, score_config, model=model, source=data)
     else:
         table = read_table(str(scores))[0] if not isinstance(scores, pa.Table) else scores
         _check_scores_match(table, ds, layout, columns, score_config.chunk_size)

@@ -279,3 +279,18 @@ def test_sgd_update_reports_what_rounding_swallowed():
     q = torch.nn.Parameter(torch.ones(10, dtype=torch.float64))
     lost, wanted = _sgd_update(q, torch.ones(10, dtype=torch.float64), 1e-9)
     assert float(q.data[0]) == 1 - 1e-9
+
+
+def test_reduction_keeps_digits_for_nearly_identical_gradients():
+    """float32 gradients, g- = g+ + 1e-4 noise: D = <g+, g+ - g-> is 1e-8 of ||g+||² and still exact to 1e-4."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3000, 700), (70001,), (5, 5)]  # rows of 65,536 with a ragged end
+    g_plus = [torch.randn(s, generator=generator) for s in shapes]
+    g_minus = [g + 1e-4 * torch.randn(g.shape, generator=generator) for g in g_plus]
+    out = PairProbe._reduce(g_plus, g_minus)
+    x = torch.cat([g.reshape(-1) for g in g_plus]).double()
+    y = torch.cat([g.reshape(-1) for g in g_minus]).double()
+    assert out["plus_diff"] == pytest.approx(float(x @ (x - y)), rel=1e-4)
+    assert out["minus_diff"] == pytest.approx(float(y @ (x - y)), rel=1e-4)
+    assert out["plus_plus"] == pytest.approx(float(x @ x), rel=1e-7)
+    assert abs(out["plus_diff"]) < 1e-6 * out["plus_plus"]

@@ -115,8 +115,10 @@ def test_oom_backoff_halves_budget_and_loses_nothing(caplog):
         return real_forward(batch)
 
     engine._forward = flaky
+    progress = []
     with caplog.at_level("WARNING"):
-        got = engine.run(pairs)
+        got = engine.run(pairs, on_progress=progress.append)
+    assert sum(progress) == 10 and max(progress) <= 3  # failed tries are not counted as progress
     assert seen[0] == 10  # the first try fails, then halves until batches fit
     assert sum(s for s in seen if s <= 3) == 10  # every pair scored exactly once
     assert engine.max_batch_tokens < 100_000
@@ -177,3 +179,12 @@ def test_token_budget_batches_cover_everything_once():
     for b in batches:
         assert len(b) == 1 or len(b) * max(costs[i] for i in b) <= 60
     assert token_budget_batches(costs, 10**6, max_batch_size=2)[0] == [6, 1]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_reported_per_batch(workers):
+    pairs = random_pairs(12, seed=8)
+    engine = Engine(tiny_llama(), "cpu", strategy="packed", max_batch_tokens=1, workers=workers)
+    progress = []
+    engine.run(pairs, on_progress=progress.append)
+    assert progress == [1] * 12  # budget 1: one pair per batch, one report each

@@ -377,6 +377,12 @@ HH = "\n\nHuman: q\n\nAssistant: a"
         (rows(chosen=[HH], rejected=[HH]), "implicit_text"),
         # Leading None values are skipped.
         (rows(prompt=[None, "q"], chosen=[None, "a"], rejected=["b", None]), "explicit_text"),
+        # A junk or empty first row does not decide the layout of the file:
+        # it gets its own per-row status when scored.
+        (rows(chosen=["", HH], rejected=[HH, HH]), "implicit_text"),
+        (rows(chosen=[7, HH], rejected=[HH, HH]), "implicit_text"),
+        (rows(prompt=[{"x": 1}, "q"], chosen=["a", "a"], rejected=["b", "b"]), "explicit_text"),
+        (rows(chosen=[[], [user("q"), asst("a")]], rejected=[[user("q"), asst("b")]] * 2), "implicit_conversational"),
     ],
 )
 def test_detect_layout(sample, layout):

@@ -177,7 +177,10 @@ def test_scores_for_another_input_are_refused(tmp_path, hh40, scores40):
     assert result.exit_code == 1 and "does not belong" in result.output
 
 
-def test_prune_api_scores_itself(hh40, embedded):
-    result = prune_pairs(hh40[:8], PruneConfig(keep=0.5, add_scores=True), model=embedded)
+def test_prune_api_scores_itself(hh40, embedded, caplog):
+    with caplog.at_level("INFO", logger="ches_filter"):
+        result = prune_pairs(hh40[:8], PruneConfig(keep=0.5, add_scores=True), model=embedded)
+    # The input is read and its layout settled once, not again for scoring.
+    assert sum("layout implicit_text" in r.getMessage() for r in caplog.records) == 1
     assert len(result.kept) == 4 and "ln_ches" in result.kept.column_names
     assert max(result.kept["ln_ches"]) <= min(result.rejects["ln_ches"])
