@@ -128,6 +128,32 @@ class PairEncoder:
             tuple(self.encode_prompt(pair)), tuple(self.encode_response(chosen)), tuple(self.encode_response(rejected))
         )
 
+    def encode_checked(self, pair: Pair, max_length: int) -> tuple[str, EncodedPair | None]:
+        """Encode a pair and name what keeps it from being scored.
+
+        Returns:
+            ``(status, encoded)``: ``pair.status`` for a pair that was not
+            ``ok`` already (``encoded`` None); ``chat_template_error`` when the
+            template or tokenizer raised (anything but a
+            :class:`~ches_filter.errors.BadDataError`, which propagates);
+            ``too_long`` when a side's sequence exceeds ``max_length``;
+            ``identical_responses`` when both responses encode the same;
+            else ``ok``.
+        """
+        if pair.status != "ok":
+            return pair.status, None
+        try:
+            enc = self.encode(pair)
+        except BadDataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - chat templates raise anything (TemplateError, ValueError, ...)
+            logger.debug("chat template/tokenizer failed: %s", exc)
+            return "chat_template_error", None
+        if enc.longest_sequence > max_length:
+            return "too_long", enc
+        if enc.chosen == enc.rejected:
+            return "identical_responses", enc
+        return "ok", enc
 
     def encode_trl(self, pair: Pair) -> EncodedPair:
         """The prompt and completion ids of TRL's DPO preprocessing (verified against trl 1.x).

@@ -297,19 +297,7 @@ def _sample(ds: Any, layout: str, columns: Any, encoder: Any, config: Displaceme
     skipped: dict[str, int] = {}
     for index in order.tolist():
         pair = normalize_row(ds[index], layout, columns)
-        status = pair.status
-        if status == "ok":
-            try:
-                enc = encoder.encode(pair)
-            except BadDataError:
-                raise
-            except Exception:  # noqa: BLE001 - chat templates raise anything
-                status = "chat_template_error"
-            else:
-                if enc.longest_sequence > max_length:
-                    status = "too_long"
-                elif enc.chosen == enc.rejected:
-                    status = "identical_responses"
+        status, enc = encoder.encode_checked(pair, max_length)
         if status == "ok":
             picked.append((index, pair, enc))
             if len(picked) == config.sample:

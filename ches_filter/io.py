@@ -313,11 +313,11 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
 
-def _validate_json_file(path: str) -> None:
-    """Streams a JSON/JSONL file once so errors can name the exact line."""
+def _read_bytes(path: str, size: int) -> bytes:
+    """Up to ``size`` bytes (-1: all) of a possibly gzip-compressed file, as a BadDataError on failure."""
     try:
         with _open_binary(path) as fh:
-            head = fh.read(4096)
+            return fh.read(size)
     except FileNotFoundError as exc:
         raise BadDataError(f"{path}: no such file or directory.") from exc
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -327,6 +327,11 @@ def _validate_json_file(path: str) -> None:
         ) from exc
     except OSError as exc:
         raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
+
+
+def _validate_json_file(path: str) -> None:
+    """Streams a JSON/JSONL file once so errors can name the exact line."""
+    head = _read_bytes(path, 4096)
     if head.startswith(_GZIP_MAGIC):
         raise BadDataError(
             f"{path} is gzip-compressed but its name does not end in `.gz`; rename it "
@@ -389,16 +394,7 @@ def _validate_json_array(path: str) -> None:
     # A JSON array cannot be streamed with the standard library; the datasets
     # loader parses the whole file into memory as well, so this costs no more
     # peak memory than the load itself.
-    try:
-        with _open_binary(path) as fh:
-            data = fh.read()
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise BadDataError(
-            f"{path} is truncated or not a valid gzip file ({_reason(exc)}); "
-            "re-download or re-compress it."
-        ) from exc
-    except OSError as exc:
-        raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
+    data = _read_bytes(path, -1)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -202,20 +202,7 @@ def _prepare(start: int, chunk: dict, layout: str, columns: Columns, encoder: An
     encoded: list[Any] = []
     for row in rows:
         pair: Pair = normalize_row(row, layout, columns)
-        status, enc = pair.status, None
-        if status == "ok":
-            try:
-                enc = encoder.encode(pair)
-            except BadDataError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - chat templates raise anything (TemplateError, ValueError, ...)
-                logger.debug("row %d: chat template/tokenizer failed: %s", start + len(statuses), exc)
-                status = "chat_template_error"
-            else:
-                if enc.longest_sequence > max_length:
-                    status = "too_long"
-                elif enc.chosen == enc.rejected:
-                    status = "identical_responses"
+        status, enc = encoder.encode_checked(pair, max_length)
         statuses.append(status)
         encoded.append(enc)
     return _Prepared(start, statuses, encoded)
