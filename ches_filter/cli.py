@@ -38,7 +38,9 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        # CRITICAL: a loader failure is logged by datasets *and* raised; the
+        # raised error comes back as our own one-line message.
+        datasets.logging.set_verbosity(logging.CRITICAL)
     except Exception:  # noqa: BLE001 - cosmetics only
         pass
     try:

@@ -247,10 +247,59 @@ def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
         # "corresponds to no data" from e.g. a CSV holding only a header.
         if isinstance(exc, StopIteration) or "corresponds to no data" in str(exc):
             raise BadDataError(f"{label} holds no rows; it needs at least one example.") from exc
+        if kind == "json" and "specified twice" in _reason(exc):
+            # Arrow names the row within its block, not the line: find it.
+            for path in files:
+                where = _first_duplicate_key(path)
+                if where is not None:
+                    raise BadDataError(
+                        f"{path} line {where[0]} has the key {where[1]!r} twice in one object; "
+                        "keep one of them (JSON objects need unique keys)."
+                    ) from exc
         raise BadDataError(
             f"{label} could not be read as {kind} ({_reason(exc)}); fix the file or "
             f"convert it to one of {_INPUT_HELP}."
         ) from exc
+
+
+class _DuplicateKey(Exception):
+    """Raised by :func:`_strict_object` with the repeated key."""
+
+
+def _strict_object(pairs: list) -> dict:
+    """``object_pairs_hook`` that refuses a repeated key (plain ``json`` keeps the last one silently)."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
+    return dict(pairs)
+
+
+def _first_duplicate_key(path: str) -> tuple[int, str] | None:
+    """``(line, key)`` of the first JSONL line whose object repeats a key, or None."""
+    data = _read_bytes(path, -1).decode("utf-8", errors="replace")
+    for line_no, text in enumerate(data.splitlines(), start=1):
+        try:
+            json.loads(text, object_pairs_hook=_strict_object)
+        except _DuplicateKey as dup:
+            return line_no, str(dup.args[0])
+        except json.JSONDecodeError:
+            continue
+    return None
+
+
+def _array_duplicate(text: str) -> tuple[int, int, str]:
+    """``(element, line, key)`` of the first array element with a repeated key (the array is known to have one)."""
+    decoder = json.JSONDecoder(object_pairs_hook=_strict_object)
+    index = text.index("[") + 1
+    number = 0
+    while True:
+        while text[index] in " \t\r\n,":
+            index += 1
+        number += 1
+        try:
+            _, index = decoder.raw_decode(text, index)
+        except _DuplicateKey as dup:
+            return number, text.count("\n", 0, index) + 1, str(dup.args[0])
 
 
 def _parquet_row_count(path: str) -> int:
@@ -404,12 +453,20 @@ def _validate_json_array(path: str) -> None:
             "re-save the file as UTF-8."
         ) from exc
     try:
-        items = json.loads(text)
+        items = json.loads(text, object_pairs_hook=_strict_object)
     except json.JSONDecodeError as exc:
         raise BadDataError(
             f"{path} line {exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}); "
             "fix the file so it holds one JSON array of objects."
         ) from exc
+    except _DuplicateKey:
+        # The loader would keep the last value silently; JSON Lines input fails
+        # on the same file, so refuse it here too, saying where.
+        number, line_no, key = _array_duplicate(text)
+        raise BadDataError(
+            f"{path} array element {number} (starting on line {line_no}) has the key {key!r} twice "
+            "in one object; keep one of them (JSON objects need unique keys)."
+        ) from None
     if not isinstance(items, list) or not items:
         raise BadDataError(
             f"{path} holds no rows; a `.json` file must hold a non-empty JSON array of "

@@ -109,3 +109,17 @@ def test_unknown_model_path_exits_1(tmp_path):
     result = invoke("score", EXAMPLE_HH, "-o", tmp_path / "s.parquet", "--model", tmp_path / "no-such-model")
     assert result.exit_code == 1, result.output
     assert "--model" in result.output and "Traceback" not in result.output
+
+
+def test_bad_data_is_one_line_on_stderr_even_when_a_library_logs_it(tmp_path):
+    """datasets logs a failed JSON load at ERROR before raising; the user sees only our line."""
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "c", "chosen": "b"}\n', encoding="utf-8")
+    out = subprocess.run(
+        [sys.executable, "-m", "ches_filter", "score", str(path), "-o", str(tmp_path / "s.parquet")],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"Error: {path} line 1 has the key 'chosen' twice in one object; keep one of them (JSON objects need unique keys)."
+    ]

@@ -191,6 +191,22 @@ def test_malformed_json_array_names_the_line(tmp_path):
         io.read_dataset(str(path))
 
 
+def test_duplicate_key_names_the_line_and_key(tmp_path):
+    path = tmp_path / "d.jsonl"
+    dup = '{"prompt": "p", "chosen": "a", "rejected": "c", "chosen": "b"}'
+    path.write_text("\n".join([json.dumps(ROWS[0])] * 3 + [dup]) + "\n", "utf-8")
+    with pytest.raises(BadDataError, match=r"d\.jsonl line 4 has the key 'chosen' twice"):
+        io.read_dataset(str(path))
+
+
+def test_duplicate_key_in_json_array_is_refused_not_silently_resolved(tmp_path):
+    # Python's json would keep the last value; the JSONL path refuses, so this does too.
+    path = tmp_path / "d.json"
+    path.write_text('[\n{"chosen": "a", "rejected": "b"},\n\n{"chosen": "a", "rejected": "b", "rejected": "c"}\n]', "utf-8")
+    with pytest.raises(BadDataError, match=r"d\.json array element 2 \(starting on line 4\) has the key 'rejected' twice"):
+        io.read_dataset(str(path))
+
+
 def test_non_object_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n", "utf-8")
