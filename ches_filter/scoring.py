@@ -198,21 +198,17 @@ class _Prepared:
 def _prepare(start: int, chunk: dict, layout: str, columns: Columns, encoder: Any, max_length: int) -> _Prepared:
     names = list(chunk)
     rows = [dict(zip(names, values)) for values in zip(*chunk.values())]
-    statuses: list[str] = []
-    encoded: list[Any] = []
-    for row in rows:
-        pair: Pair = normalize_row(row, layout, columns)
-        status, enc = encoder.encode_checked(pair, max_length)
-        statuses.append(status)
-        encoded.append(enc)
-    return _Prepared(start, statuses, encoded)
+    pairs: list[Pair] = [normalize_row(row, layout, columns) for row in rows]
+    checked = encoder.encode_checked_many(pairs, max_length)
+    return _Prepared(start, [status for status, _ in checked], [enc for _, enc in checked])
 
 
 def _prefetch(items: Iterable[Any], fn) -> Iterator[Any]:
     """Map ``fn`` over ``items`` one step ahead on a worker thread.
 
-    Tokenizers release the GIL, so the next chunk is tokenised while the
-    model runs on the current one.
+    The chunk's pairs are tokenised as lists (Rust, all cores, GIL released:
+    :meth:`~ches_filter.batching.PairEncoder.encode_checked_many`), so the
+    next chunk is ready while the model runs on the current one.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ches-tokenize") as pool:
         pending = None

@@ -107,6 +107,15 @@ def test_the_pairs_cover_the_sliding_window(gemma, pairs, text_rows):
     assert any(len(pair.prompt) < 512 < pair.longest_sequence for pair in pairs)
 
 
+def test_list_encoding_matches_pair_by_pair(gemma, text_rows, pairs):
+    """Gemma's tokenizer adds BOS to the prompt: the list path must keep that, token for token."""
+    encoder = PairEncoder(gemma.tokenizer)
+    normalized = [normalize_row(row, "explicit_text", Columns()) for row in text_rows]
+    many = encoder.encode_checked_many(normalized, 1 << 20)
+    assert [enc for _, enc in many] == pairs
+    assert all(enc.prompt[0] == gemma.tokenizer.bos_token_id for enc in pairs)
+
+
 def test_auto_picks_packed_on_gemma(gemma):
     assert Engine(gemma.decoder, "cpu", strategy="auto").strategy == "packed"
 
