@@ -188,3 +188,53 @@ def test_progress_is_reported_per_batch(workers):
     progress = []
     engine.run(pairs, on_progress=progress.append)
     assert progress == [1] * 12  # budget 1: one pair per batch, one report each
+
+
+# Tiny random models of the decoder architectures users bring most often. Each
+# has its own attention/mask code in transformers (biases, q/k norms, parallel
+# blocks, learned absolute positions, MoE, soft-capping, NoPE layers, sliding
+# windows on all or some layers): the tree mask and restarted positions must be
+# exact for all of them, and `auto` must pick the packed path.
+_ARCHS = {
+    "qwen2": ("Qwen2Config", {}),
+    "qwen2-sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=8, max_window_layers=0)),
+    "mistral-sliding": ("MistralConfig", dict(sliding_window=8)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    "olmo2": ("Olmo2Config", {}),
+    "gpt_neox": ("GPTNeoXConfig", {}),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=4, n_head=4, n_positions=512)),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=False)),
+    "stablelm": ("StableLmConfig", {}),
+    "cohere": ("CohereConfig", {}),
+    "granite": ("GraniteConfig", {}),
+    "smollm3-nope-sliding": ("SmolLM3Config", dict(pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                                  use_sliding_window=True, sliding_window=8)),
+    "gemma2-softcap-eager": ("Gemma2Config", dict(head_dim=16, sliding_window=8, attn_implementation="eager")),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(_ARCHS))
+def test_packed_and_prefix_are_exact_across_architectures(arch):
+    import transformers
+
+    class_name, extra = _ARCHS[arch]
+    config_class = getattr(transformers, class_name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {class_name}")
+    extra = dict(extra)
+    attn = extra.pop("attn_implementation", "sdpa")
+    config = config_class(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModel.from_config(config, attn_implementation=attn).eval()
+    # Prompts and responses both longer than the window of 8 where there is one.
+    pairs = random_pairs(6, seed=11, prompt=(2, 30), response=(1, 25))
+    ref_c, ref_r = reference(model, pairs)
+    for strategy in ("auto", "packed", "prefix"):
+        engine = Engine(model, "cpu", strategy=strategy, max_batch_tokens=100_000)
+        states = engine.run(pairs)
+        assert engine.strategy == ("packed" if strategy == "auto" else strategy)
+        assert rel(states.s_chosen, ref_c) < 1e-5, strategy
+        assert rel(states.s_rejected, ref_r) < 1e-5, strategy
