@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="also take the first LONG later pairs longer than the model's sliding window (512 if none)")
     parser.add_argument("--engine", default="auto", help="engine strategy: auto, packed, prefix, plain")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="engine budget (default: the CLI's default)")
+    parser.add_argument("--workers", type=int, default=None, help="engine workers (default: the CLI's default)")
     parser.add_argument("--attn-implementation", default="sdpa")
     parser.add_argument("--no-chat-template", action="store_true", help="text prompts even when the tokenizer has a chat template")
     parser.add_argument("--repeat", type=int, default=1,
@@ -368,7 +369,7 @@ def main(argv=None) -> dict:
     flops = FlopModel(lm)
     budget = args.max_batch_tokens or default_batch_tokens(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    engine = Engine(lm, device, strategy=args.engine, max_batch_tokens=budget, pad_token_id=pad)
+    engine = Engine(lm, device, strategy=args.engine, max_batch_tokens=budget, pad_token_id=pad, workers=args.workers)
 
     n = len(pairs)
     text_tokens = sum(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
@@ -464,7 +465,7 @@ def main(argv=None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         other, _, _ = load(args.compare_dtype)
-        other_engine = Engine(other, device, strategy=strategy, max_batch_tokens=budget, pad_token_id=pad)
+        other_engine = Engine(other, device, strategy=strategy, max_batch_tokens=budget, pad_token_id=pad, workers=workers)
         other_engine.run(pairs[:1])
         seconds, other_states = timed(lambda: other_engine.run(pairs), device)
         o_ches = ches_from_sums(other_states.s_chosen, other_states.s_rejected)

@@ -3,7 +3,8 @@
 #   1. SmolLM2-135M (embedded) in float32: engine vs paper method, exactness and speed;
 #   2. SmolLM2-135M in bfloat16: engine vs paper, and bf16-vs-fp32 agreement of the engine's scores;
 #   3. a random-init Llama-1B-shaped model in bfloat16: the same, and MFU at 1B scale;
-#   4. the same model with the KV-cache `prefix` strategy instead of `packed` (engine only).
+#   4. SmolLM2 bf16 with 2 engine workers (engine only): does overlapping host work help?
+#   5. the 1B model with the KV-cache `prefix` strategy instead of `packed` (engine only).
 # Each step is `benchmarks/bench_score.py` (see its docstring for what is measured);
 # its log and a JSON of the numbers go to $OUT (default ./gpu_check_out).
 #
@@ -51,6 +52,8 @@ step() {
 step smollm2-fp32 --dtype float32 --n "$N_SMALL" --repeat "$REPEAT"
 step smollm2-bf16 --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --compare-dtype float32
 step llama1b-bf16 --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --random-init llama-1b --compare-dtype float32
+# Two engine workers (host builds the next batch while the GPU runs one), engine only.
+step smollm2-bf16-2workers --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --workers 2 --skip-paper
 # The KV-cache prefix strategy, engine only: on CPU packed wins; on a GPU it may not.
 step llama1b-bf16-prefix --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --random-init llama-1b --engine prefix --skip-paper
 
@@ -61,9 +64,13 @@ from pathlib import Path
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
     e, p = r.get("engine", {}), r.get("paper", {})
-    line = (f"{path.stem:<20} {r.get('engine_strategy', '?'):<6} {e.get('pairs_per_s', 0):8.1f} pairs/s ({100 * e.get('useful_fraction_of_peak', 0):4.1f}% of "
-            f"{r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s peak)  paper {p.get('pairs_per_s', 0):6.1f} pairs/s  "
-            f"speed-up {r.get('speedup', 0):5.1f}x  max rel diff CHES {r.get('max_rel_diff_ches', float('nan')):.1e}")
+    line = (f"{path.stem:<22} {r.get('engine_strategy', '?'):<6} w{r.get('workers', '?')} {e.get('pairs_per_s', 0):8.1f} pairs/s "
+            f"({100 * e.get('useful_fraction_of_peak', 0):4.1f}% of {r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s peak)")
+    if p:
+        line += (f"  paper {p.get('pairs_per_s', 0):6.1f} pairs/s  speed-up {r.get('speedup', 0):5.1f}x  "
+                 f"max rel diff CHES {r.get('max_rel_diff_ches', float('nan')):.1e}")
+    else:
+        line += "  (engine only)"
     if "compare" in r:
         c = r["compare"]
         line += f"  vs {c['dtype']}: Spearman LN-CHES {c['spearman_ln_ches']:.4f}, top-10% shared {100 * c['top10_overlap_ln_ches']:.0f}%"

@@ -60,6 +60,7 @@ class ScoreConfig:
     max_length: int | None = None
     max_batch_tokens: int | None = None
     max_batch_size: int | None = None
+    engine_workers: int | None = None
     chunk_size: int = 4096
     quiet: bool = False
     layout: str = "paper"
@@ -73,7 +74,7 @@ class ScoreConfig:
         _choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.input_format is not None:
             _choice("input-format", self.input_format, INPUT_FORMATS)
-        for flag in ("max_length", "max_batch_tokens", "max_batch_size", "chunk_size"):
+        for flag in ("max_length", "max_batch_tokens", "max_batch_size", "engine_workers", "chunk_size"):
             _positive(flag.replace("_", "-"), getattr(self, flag))
         for flag in ("prompt_column", "chosen_column", "rejected_column"):
             if not getattr(self, flag):

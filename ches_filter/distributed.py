@@ -69,8 +69,9 @@ MANIFEST_FORMAT = 1
 #: Default rows per checkpoint part: a few minutes of a 7B model on one GPU,
 #: and enough parts to keep 8 GPUs busy from about 30k pairs up.
 DEFAULT_CHECKPOINT_EVERY = 1000
-#: ScoreConfig fields that never change a score: they may differ on a rerun.
-_FREE_FIELDS = frozenset({"quiet", "device", "trust_remote_code"})
+#: ScoreConfig fields that never change a score (beyond float rounding, as a
+#: different device does): they may differ on a rerun.
+_FREE_FIELDS = frozenset({"quiet", "device", "trust_remote_code", "engine_workers"})
 #: model.info keys that differ between the ranks of one job.
 _FREE_MODEL_KEYS = frozenset({"device"})
 #: Output metadata keys that a finished output shares with its work directory.

@@ -266,9 +266,11 @@ class Engine:
                     self._finish(batch, self._attempt(pairs, batch), queue, costs, out, on_progress)
             return out
         threads = torch.get_num_threads()
-        # Each worker runs its forward passes single-threaded (intra-op threads
-        # are a process-wide setting, restored below).
-        torch.set_num_threads(max(1, threads // workers))
+        if self.device.type == "cpu":
+            # Each worker runs its forward passes single-threaded (intra-op
+            # threads are a process-wide setting, restored below). On a GPU the
+            # workers only overlap host work with device work.
+            torch.set_num_threads(max(1, threads // workers))
         try:
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-engine") as pool:
                 pending: dict[Future, list[int]] = {}

@@ -286,6 +286,7 @@ class PairScorer:
             max_batch_tokens=config.max_batch_tokens or default_batch_tokens(model.device),
             max_batch_size=config.max_batch_size,
             pad_token_id=pad_id if pad_id is not None else model.tokenizer.eos_token_id,
+            workers=config.engine_workers,
         )
         self.names = _used_columns(layout, columns, ds.column_names)
         self.read_names = self.names + ([columns.id] if columns.id and columns.id not in self.names else [])

@@ -21,3 +21,11 @@ def test_rows_are_reported_per_batch_and_add_up(tiny_model_dir, measures):
     assert chunks == [12]  # one chunk ...
     assert len(progress) >= 10 and sum(progress) == 12  # ... but the bar moves per batch, every row once
     assert tables[0][2].num_rows == 12
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_engine_workers_reach_the_engine(tiny_model_dir, workers):
+    rows = read_hh(4)
+    config = ScoreConfig(model=str(tiny_model_dir), engine_workers=workers, quiet=True)
+    ds, layout, columns = load_input(rows, config)
+    assert build_scorer(ds, layout, columns, config).engine.workers == workers
