@@ -275,15 +275,15 @@ def _strict_object(pairs: list) -> dict:
 
 
 def _first_duplicate_key(path: str) -> tuple[int, str] | None:
-    """``(line, key)`` of the first JSONL line whose object repeats a key, or None."""
-    data = _read_bytes(path, -1).decode("utf-8", errors="replace")
-    for line_no, text in enumerate(data.splitlines(), start=1):
-        try:
-            json.loads(text, object_pairs_hook=_strict_object)
-        except _DuplicateKey as dup:
-            return line_no, str(dup.args[0])
-        except json.JSONDecodeError:
-            continue
+    """``(line, key)`` of the first JSONL line whose object repeats a key, or None (streams the file)."""
+    with _open_binary(path) as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                json.loads(raw.decode("utf-8", errors="replace"), object_pairs_hook=_strict_object)
+            except _DuplicateKey as dup:
+                return line_no, str(dup.args[0])
+            except json.JSONDecodeError:
+                continue
     return None
 
 
