@@ -32,7 +32,7 @@ from .errors import BadDataError, ChesFilterError
 from .measures import MEASURES
 from .select import kept_count, rank_scored
 from .stats import as_float_array as _array
-from .stats import describe, rank_correlation
+from .stats import QUANTILES, describe, rank_correlation
 
 logger = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
     """The self-contained report page (plots as data URIs, every text HTML-escaped)."""
     by = summary["by"]
     count_rows = [[f"<td>{_esc(k)}</td>", f'<td class="num">{v}</td>'] for k, v in summary["counts"].items()]
-    q_names = ["count", "mean"] + [name for name, _ in _QUANTILES]
+    q_names = ["count", "mean"] + [name for name, _ in QUANTILES]
     stat_rows = []
     for name, stats in list(summary["measures"].items()) + list(summary["lengths"].items()):
         stat_rows.append([f"<td>{_esc(name)}</td>"] + [f'<td class="num">{_num(stats.get(q))}</td>' for q in q_names])
