@@ -86,7 +86,8 @@ def child(data: str, out: str, batch_tokens: int) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
 
     from ches_filter.config import ScoreConfig
-    from ches_filter.distributed import JobConfig, score_to_file
+    from ches_filter.config import JobConfig
+    from ches_filter.run import score_to_file
     from ches_filter.model import LoadedModel, cached_gguf_checkpoint, default_model_path
 
     logging.basicConfig(level=logging.WARNING)

@@ -16,7 +16,7 @@ import click
 
 from . import __version__
 from .batching import TOKEN_LAYOUTS
-from .config import ATTN_IMPLEMENTATIONS, DTYPES, PruneConfig, ScoreConfig
+from .config import ATTN_IMPLEMENTATIONS, DEFAULT_CHECKPOINT_EVERY, DTYPES, JobConfig, PruneConfig, ScoreConfig
 from .errors import ChesFilterError
 from .formats import LAYOUTS
 from .measures import DEFAULT_MEASURES, MEASURES
@@ -140,15 +140,25 @@ def _echo_counts(counts: dict, rows: int, output: str) -> None:
         click.echo("not scored as ok: " + ", ".join(f"{k} {v}" for k, v in others.items()))
 
 
+def job_options(fn: Callable) -> Callable:
+    """Options of the resumable pipeline shared by every command that scores (names = JobConfig fields)."""
+    options = [
+        click.option("--work-dir", default=None, help="Where parts and the manifest go while scoring. Default: OUTPUT.parts"),
+        click.option("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, show_default=True, help="Rows per part written to the work dir: the most a crash can cost per process."),
+        click.option("--keep-work-dir", is_flag=True, default=False, help="Keep the work dir after the output is written."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
 @click.argument("input")
 @click.option("--output", "-o", required=True, help="Score file to write (.parquet).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
-@click.option("--work-dir", default=None, help="Where parts and the manifest go while scoring. Default: OUTPUT.parts")
-@click.option("--checkpoint-every", type=int, default=1000, show_default=True, help="Rows per part written to the work dir: the most a crash can cost per process.")
+@job_options
 @click.option("--num-shards", type=int, default=1, show_default=True, help="Split the rows into this many independent jobs (e.g. a Slurm array); join with `ches-filter merge`.")
 @click.option("--shard-index", type=int, default=None, help="Which shard this job scores, 0 .. num-shards-1.")
-@click.option("--keep-work-dir", is_flag=True, default=False, help="Keep the work dir after the output is assembled.")
 @score_options
 @_guarded
 def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
@@ -161,15 +171,15 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     command after a crash to continue. Data parallel:
     `torchrun --nproc_per_node N -m ches_filter score ...`; see docs/distributed.md.
     """
-    from .distributed import JobConfig, torchrun_rank
+    from .run import torchrun_rank
 
     config, rest = _build(ScoreConfig, kwargs)
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .distributed import score_to_file
     from .io import output_kind
+    from .run import score_to_file
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
@@ -200,7 +210,7 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
 def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quiet: bool, verbose: bool) -> None:
     """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
     _setup_logging(quiet, verbose)
-    from .distributed import merge_work_dir
+    from .run import merge_work_dir
     from .io import output_kind
 
     if not output.endswith(".parquet"):
@@ -215,41 +225,57 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
 @click.option("--output", "-o", required=True, help="Pruned dataset: .parquet, .jsonl, or a directory (save_to_disk).")
 @click.option("--keep", type=float, default=None, help="Fraction of scored (status ok) rows to keep, in (0, 1].")
 @click.option("--keep-count", type=int, default=None, help="Number of scored rows to keep.")
-@click.option("--max-score", type=float, default=None, help="Keep rows whose score is <= this.")
+@click.option("--max-score", type=float, default=None, help="Keep rows no riskier than this: score <= T (>= T for a lower-is-riskier measure such as edit_distance).")
 @click.option("--by", type=click.Choice(MEASURES.names()), default="ln_ches", show_default=True, help=_BY_HELP)
 @click.option("--scores", default=None, help="Reuse a score file from `ches-filter score` for this INPUT.")
 @click.option("--keep-unscored", is_flag=True, default=False, help="Keep rows that could not be scored instead of dropping them.")
 @click.option("--add-scores", is_flag=True, default=False, help="Append ches, ln_ches, status columns to the output.")
 @click.option("--rejects", default=None, help="Also write the dropped rows with their reason here.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace existing output files.")
+@job_options
 @score_options
 @_guarded
 def prune(input: str, output: str, scores: str | None, rejects: str | None, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
-    """Keep the lowest-risk pairs of INPUT and write them, unchanged and in order, to OUTPUT."""
+    """Keep the lowest-risk pairs of INPUT and write them, unchanged and in order, to OUTPUT.
+
+    Without --scores, INPUT is scored first through the same resumable pipeline as `score`
+    (parts in OUTPUT.parts/; rerun the same command after a crash; runs under torchrun).
+    """
+    from .run import torchrun_rank
+
     prune_config, rest = _build(PruneConfig, kwargs)
-    config, _ = _build(ScoreConfig, rest)
-    _setup_logging(config.quiet, verbose)
+    config, rest = _build(ScoreConfig, rest)
+    job, _ = _build(JobConfig, rest)
+    rank = torchrun_rank()
+    _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
     from .io import check_output_path, output_kind, write_dataset
     from .select import prune_pairs
 
+    if scores is not None and job.work_dir is not None:
+        raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")
     inputs = [input] + ([scores] if scores else [])
     for path in [output] + ([rejects] if rejects else []):
         output_kind(path)
         check_output_path(path, inputs=inputs, overwrite=overwrite)
     if rejects is not None and rejects == output:
         raise click.BadParameter("`--rejects` must differ from `--output`", param_hint="'--rejects'")
-    result = prune_pairs(input, prune_config, scores=scores, score_config=config)
+    result = prune_pairs(input, prune_config, scores=scores, score_config=config, job=job, output=output)
+    if result is None:  # a torchrun rank other than 0: rank 0 writes
+        return
     write_dataset(result.kept, output, overwrite=overwrite)
     if rejects:
         write_dataset(result.rejects, rejects, overwrite=overwrite)
+    if result.work is not None and not job.keep_work_dir:
+        result.work.remove()
     summary = result.summary()
     by = prune_config.by
     threshold = summary["threshold"]
+    keeps = "<=" if MEASURES.get(by).higher_is_riskier else ">="
     click.echo(f"rows in:  {summary['rows_in']}")
     click.echo(f"scored:   {summary['scored']}")
     click.echo(f"kept:     {summary['kept']} -> {output}")
     click.echo(f"dropped:  {summary['dropped']}" + ("" if not summary["dropped_by_reason"] else " (" + ", ".join(f"{k} {v}" for k, v in summary["dropped_by_reason"].items()) + ")"))
-    click.echo(f"threshold: {by} <= {threshold:.6g}" if threshold is not None else "threshold: none (no scored row kept)")
+    click.echo(f"threshold: {by} {keeps} {threshold:.6g}" if threshold is not None else "threshold: none (no scored row kept)")
     logger.debug("summary: %s", json.dumps(summary))
 
 

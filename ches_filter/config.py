@@ -106,6 +106,50 @@ def _measures(value) -> str:
     return ",".join(m for m in MEASURES.names() if m in names)
 
 
+#: Default rows per checkpoint part: a few minutes of a 7B model on one GPU,
+#: and enough parts to keep 8 GPUs busy from about 30k pairs up.
+DEFAULT_CHECKPOINT_EVERY = 1000
+
+
+@dataclass
+class JobConfig:
+    """Where partial results go and which share of the work this process does.
+
+    Attributes mirror the options of the same names of ``score`` (and of ``prune``, ``validate``).
+
+    Attributes:
+        work_dir: directory for parts, manifest and stats (default ``OUTPUT.parts``).
+        checkpoint_every: rows per part: the most work a crash can cost per process.
+        num_shards: independent jobs the rows are split into (``ches-filter merge`` joins them).
+        shard_index: which of them this process is, ``0 .. num_shards-1``.
+        keep_work_dir: keep the work directory after the output is assembled.
+    """
+
+    work_dir: str | None = None
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    num_shards: int = 1
+    shard_index: int | None = None
+    keep_work_dir: bool = False
+
+    def __post_init__(self) -> None:
+        for flag in ("checkpoint_every", "num_shards"):
+            value = getattr(self, flag)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise BadFlagError(f"`--{flag.replace('_', '-')}` must be a positive whole number, got {value!r}")
+        if self.shard_index is None:
+            if self.num_shards > 1:
+                raise BadFlagError(
+                    f"`--num-shards {self.num_shards}` needs `--shard-index I` with I in 0..{self.num_shards - 1}: "
+                    "which share this job scores (e.g. `--shard-index $SLURM_ARRAY_TASK_ID`)"
+                )
+            self.shard_index = 0
+        elif isinstance(self.shard_index, bool) or not isinstance(self.shard_index, int) or not 0 <= self.shard_index < self.num_shards:
+            raise BadFlagError(
+                f"`--shard-index` must be in 0..{self.num_shards - 1} for `--num-shards {self.num_shards}`, "
+                f"got {self.shard_index!r}"
+            )
+
+
 @dataclass
 class PruneConfig:
     """Which scored pairs to keep.

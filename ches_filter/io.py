@@ -13,6 +13,7 @@ together), with a message that names the file and says how to fix it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import gzip
 import json
@@ -20,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -586,8 +588,48 @@ def _is_within(path: str, directory: str) -> bool:
 
 
 def _sibling(path: str, tag: str) -> str:
+    # Host and pid: processes on several machines may share a network file system.
     parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{tag}-{os.getpid()}")
+    return os.path.join(parent, f".{name}.{tag}-{socket.gethostname()}-{os.getpid()}")
+
+
+def _mount_point(path: str) -> str:
+    path = os.path.abspath(path)
+    while not os.path.ismount(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def write_error(exc: OSError, path: str) -> ChesFilterError:
+    """One-line error for an ``OSError`` raised while writing ``path``.
+
+    A full disk names the file system (its mount point) and says that a rerun
+    of the same command keeps the finished work; a refused write names the
+    path and asks for a writable location.
+    """
+    text = f"{exc.strerror or ''} {exc}"
+    if exc.errno == errno.ENOSPC or "No space left on device" in text:
+        return ChesFilterError(
+            f"no space left on {_mount_point(os.path.dirname(os.path.abspath(path)) or '.')} writing {path}; "
+            "free some space there (or choose another location) and rerun the same command"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text:
+        return ChesFilterError(
+            f"cannot write {path}: {exc.strerror or 'permission denied'}; choose a location you can write to"
+        )
+    return ChesFilterError(f"could not write {path} ({_reason(exc)})")
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Turn any ``OSError`` raised inside into :func:`write_error` for ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        raise write_error(exc, os.fspath(path)) from None
 
 
 def _remove(path: str) -> None:
@@ -657,18 +699,23 @@ def atomic_path(path: str) -> Iterator[str]:
         path: The final location of the file or directory.
 
     Yields:
-        ``.{name}.tmp-<pid>`` in the same directory, so the rename stays on
-        one file system and is atomic.
+        ``.{name}.tmp-<host>-<pid>`` in the same directory, so the rename
+        stays on one file system and is atomic.
+
+    Raises:
+        ChesFilterError: the file system refused the write (full disk,
+            permissions): one line naming the path; the temporary is removed.
     """
     target = os.path.abspath(os.fspath(path))
     tmp = _sibling(target, "tmp")
-    _remove(tmp)  # left behind by a killed run that had the same pid
     try:
-        yield tmp
-        if not os.path.lexists(tmp):
-            raise RuntimeError(f"atomic_path body wrote nothing at {tmp}")
-        _fsync_tree(tmp)
-        _commit(tmp, target)
+        with writing(path):
+            _remove(tmp)  # left behind by a killed run that had the same host and pid
+            yield tmp
+            if not os.path.lexists(tmp):
+                raise RuntimeError(f"atomic_path body wrote nothing at {tmp}")
+            _fsync_tree(tmp)
+            _commit(tmp, target)
     finally:
         try:
             _remove(tmp)  # a no-op after a successful commit

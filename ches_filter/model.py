@@ -296,3 +296,48 @@ def load_model(
     if getattr(tokenizer, "eos_token_id", None) is None:
         raise BadDataError(f"the tokenizer of {info['model']} has no EOS token; CHES needs one to end each response")
     return LoadedModel(decoder=net, tokenizer=tokenizer, device=dev, dtype=torch_dtype, info=info)
+
+
+def as_loaded_model(model: Any, tokenizer: Any = None, **load_kwargs: Any) -> LoadedModel:
+    """What a training script holds, as a :class:`LoadedModel`.
+
+    Args:
+        model: a :class:`LoadedModel` (returned as is), a transformers model
+            (``AutoModelForCausalLM`` or a base model; used where it is, in
+            its dtype, never copied), or a Hub id / local path / ``.gguf`` /
+            None (loaded with :func:`load_model` and ``load_kwargs``).
+        tokenizer: the model's tokenizer; needed with a transformers model
+            object (a path brings its own).
+
+    Raises:
+        BadFlagError: a model object without a tokenizer, or a tokenizer
+            without an EOS token.
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if model is None or isinstance(model, (str, os.PathLike)):
+        loaded = load_model(None if model is None else os.fspath(model), **load_kwargs)
+        return loaded if tokenizer is None else LoadedModel(loaded.decoder, tokenizer, loaded.device, loaded.dtype, loaded.info)
+    if not hasattr(model, "config") or not hasattr(model, "parameters"):
+        raise BadFlagError(
+            f"model= got a {type(model).__name__}; pass a transformers model, a Hub id or local path, or None for the embedded model"
+        )
+    if tokenizer is None:
+        raise BadFlagError("model= got a model object without tokenizer=; pass the tokenizer it was trained with")
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise BadFlagError("the tokenizer has no EOS token; CHES needs one to end each response")
+    first = next(model.parameters())
+    config = model.config
+    info = {
+        "model": getattr(config, "_name_or_path", None) or type(model).__name__,
+        "source": "in-memory model object",
+        "revision": None,
+        "model_type": getattr(config, "model_type", None),
+        "dtype": str(first.dtype).replace("torch.", ""),
+        "device": str(first.device),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "chat_template_sha256": _chat_template_sha(tokenizer),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "commit_hash": getattr(config, "_commit_hash", None),
+    }
+    return LoadedModel(decoder=model, tokenizer=tokenizer, device=first.device, dtype=first.dtype, info=info)

@@ -356,8 +356,8 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     Raises:
         BadDataError: ``data`` is not the input the scores belong to.
     """
-    from .formats import LAYOUTS, Columns, normalize_row
-    from .scoring import input_fingerprint, load_input
+    from .formats import LAYOUTS, normalize_row
+    from .scoring import check_scores_belong, load_input
 
     from .io import read_dataset
 
@@ -377,22 +377,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
         rejected_column=stored.get("rejected") or "rejected",
     )
     ds, layout, columns = load_input(data, score_config)
-    if meta.get("input_format") and layout != meta["input_format"]:
-        raise BadDataError(
-            f"`--data` reads as {layout} but the score file was computed on {meta['input_format']} input; "
-            "pass the input that `ches-filter score` read"
-        )
-    if meta.get("num_rows") is not None and meta["num_rows"] != len(ds):
-        raise BadDataError(
-            f"`--data` has {len(ds)} rows but the score file was computed on {meta['num_rows']}; "
-            "pass the input that `ches-filter score` read"
-        )
-    expected = meta.get("input_fingerprint")
-    if expected and input_fingerprint(ds, layout, Columns(columns.prompt, columns.chosen, columns.rejected)) != expected:
-        raise BadDataError(
-            "`--data` is not the input this score file belongs to (its rows differ from the scored ones); "
-            "pass the input that `ches-filter score` read"
-        )
+    check_scores_belong(meta, int(meta.get("num_rows") or len(ds)), ds, layout, columns, flag="--data")
     out: dict[int, dict] = {}
     limit = config.excerpt_chars
     for index in row_indices:

@@ -33,12 +33,14 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "score_pairs",
+    "build_scorer",
     "PairScorer",
     "SCORE_STATUSES",
     "TAIL_COLUMNS",
     "input_fingerprint",
     "load_input",
     "table_metadata",
+    "check_scores_belong",
     "status_counts",
 ]
 
@@ -421,33 +423,48 @@ class PairScorer:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
+def _load_kwargs(config: ScoreConfig) -> dict:
+    return dict(
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype,
+        device=config.device,
+        attn_implementation=config.attn_implementation,
+        device_map=config.device_map,
+    )
+
+
 def build_scorer(ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any = None) -> PairScorer:
     """Load the model ``config`` names (unless given) and build a :class:`PairScorer`."""
     if model is None:
         from .model import load_model
 
-        model = load_model(
-            config.model,
-            revision=config.revision,
-            trust_remote_code=config.trust_remote_code,
-            dtype=config.dtype,
-            device=config.device,
-            attn_implementation=config.attn_implementation,
-            device_map=config.device_map,
-        )
+        model = load_model(config.model, **_load_kwargs(config))
     return PairScorer(ds, layout, columns, config, model)
 
 
-def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = None, progress: bool | None = None, **overrides: Any):
-    """Score every pair of a preference dataset.
+def score_pairs(
+    data: Any,
+    config: ScoreConfig | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    progress: bool | None = None,
+    **overrides: Any,
+):
+    """Score every pair of a preference dataset, through the same pipeline as ``ches-filter score``.
 
     Args:
         data: a path (see :func:`ches_filter.io.read_dataset`), a
             ``datasets.Dataset`` or a list of row dicts.
         config: a :class:`~ches_filter.config.ScoreConfig`; keyword
             ``overrides`` replace its fields (or build one).
-        model: an already loaded :class:`~ches_filter.model.LoadedModel`
-            (skips loading; its own settings win over ``config``'s model fields).
+        model: what a training script holds: a transformers model object
+            (``AutoModelForCausalLM``; scored in place, in its dtype, in eval
+            mode, its training mode restored afterwards) with ``tokenizer``,
+            a Hub id or local path, a :class:`~ches_filter.model.LoadedModel`,
+            or None for ``config.model``.
+        tokenizer: the tokenizer of a model object.
         progress: show a progress bar (default: not ``config.quiet``).
 
     Returns:
@@ -455,50 +472,70 @@ def score_pairs(data: Any, config: ScoreConfig | None = None, *, model: Any = No
         ``row_index``, the id column if configured, the ``measures``
         (default ``ches``, ``ln_ches``), ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
         Its schema metadata (key ``ches_filter``) records model, layout and counts.
-        For datasets larger than memory, or to resume after a crash, use
-        :func:`ches_filter.distributed.score_to_file`.
+        The parts go through a temporary work directory; to resume after a
+        crash or shard a large dataset, use :func:`ches_filter.run.score_to_file`.
     """
+    from .run import score_to_table
+
     config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
-    ds, layout, columns = load_input(data, config)
-    return score_loaded(ds, layout, columns, config, model=model, progress=progress, source=data)
+    loaded = None
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        from .model import as_loaded_model
+
+        loaded = as_loaded_model(model, tokenizer)
+    elif model is not None or tokenizer is not None:
+        config = dataclasses.replace(config, model=os.fspath(model)) if model is not None else config
+        if tokenizer is not None:
+            from .model import as_loaded_model
+
+            loaded = as_loaded_model(config.model, tokenizer, **_load_kwargs(config))
+    training = getattr(getattr(loaded, "decoder", None), "training", False)
+    try:
+        table, _ = score_to_table(data, config, model=loaded, progress=progress)
+    finally:
+        if training:
+            loaded.decoder.train()
+    counts = status_counts(table.column("status"))
+    logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), table.num_rows, ", ".join(f"{k}: {v}" for k, v in counts.items()))
+    return table
 
 
-def score_loaded(
-    ds: Any, layout: str, columns: Columns, config: ScoreConfig, *, model: Any = None, progress: bool | None = None, source: Any = None
-):
-    """:func:`score_pairs` for a dataset :func:`load_input` already opened (no second read or layout log).
+def check_scores_belong(meta: dict, score_rows: int, ds: Any, layout: str, columns: Columns, *, flag: str,
+                        chunk_size: int = 4096) -> None:
+    """Refuse a score file that was not computed for exactly these input rows.
+
+    The one check behind ``prune --scores``, ``validate --scores`` and
+    ``report --data``: same row count, same layout and pair columns, and the
+    same fingerprint of the used columns (:func:`input_fingerprint`).
 
     Args:
-        ds: the ``datasets.Dataset``.
-        layout: its layout, one of :data:`ches_filter.formats.LAYOUTS`.
-        columns: the column mapping.
-        config: the scoring settings.
-        model: an already loaded model, or None to load ``config.model``.
-        progress: show a progress bar (default: not ``config.quiet``).
-        source: what the rows were read from, recorded in the metadata.
+        meta: the score file's ``ches_filter`` metadata.
+        score_rows: its number of rows.
+        ds, layout, columns: the input as :func:`load_input` opened it.
+        flag: the flag that named the file the user should fix (``--scores``, ``--data``).
 
-    Returns:
-        The score table, as :func:`score_pairs`.
+    Raises:
+        BadDataError: one line saying what differs.
     """
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
-    scorer = build_scorer(ds, layout, columns, config, model)
-    digest = hashlib.sha256()
-    show = (not config.quiet) if progress is None else progress
-    bar = tqdm(total=len(ds), unit="pair", disable=not show, desc="scoring", dynamic_ncols=True)
-
-    def on_chunk(start: int, chunk: dict, rows: int) -> None:
-        _hash_rows(digest, chunk, scorer.names)
-
-    tables = [table for _, _, table in scorer.score_ranges([(0, len(ds))], on_chunk=on_chunk, on_rows=bar.update)]
-    bar.close()
-    table = pa.concat_tables(tables) if tables else scorer.schema.empty_table()
-    counts = status_counts(table.column("status"))
-    metadata = scorer.metadata(data=source, fingerprint=digest.hexdigest(), counts=counts)
-    table = table.replace_schema_metadata({b"ches_filter": json.dumps(metadata).encode()})
-    logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), len(ds), ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    return table
+    fix = "pass the input that `ches-filter score` read together with the score file it wrote"
+    if score_rows != len(ds):
+        raise BadDataError(f"`{flag}`: the score file has {score_rows} rows but the input has {len(ds)}; {fix}")
+    stored_layout = meta.get("input_format")
+    if stored_layout and stored_layout != layout:
+        raise BadDataError(f"`{flag}`: the input reads as {layout} but the score file was computed on {stored_layout} input; {fix}")
+    stored_columns = meta.get("columns") or {}
+    if stored_columns and any(stored_columns.get(k) != getattr(columns, k) for k in ("prompt", "chosen", "rejected")):
+        raise BadDataError(
+            f"`{flag}`: the score file was computed with columns {stored_columns}, not the ones given now; pass the same "
+            "`--prompt-column/--chosen-column/--rejected-column`"
+        )
+    expected = meta.get("input_fingerprint")
+    if expected is None:
+        raise BadDataError(f"`{flag}`: the score file carries no input fingerprint; rescore with `ches-filter score`")
+    if input_fingerprint(ds, stored_layout or layout, columns, chunk_size) != expected:
+        raise BadDataError(
+            f"`{flag}`: the score file does not belong to this input (it is not the input it scored: the rows differ); {fix}"
+        )
 
 
 def table_metadata(table: Any) -> dict:

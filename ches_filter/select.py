@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import PruneConfig, ScoreConfig
+from .config import JobConfig, PruneConfig, ScoreConfig
 from .errors import BadDataError
 from .measures import MEASURES, risk_key
 
@@ -160,12 +160,15 @@ class PruneResult:
         rejects: the dropped rows with ``ches_filter_reason`` and the scores.
         scores: the score table used.
         selection: the :class:`Selection`.
+        work: the scoring work directory (:class:`~ches_filter.run.WorkDir`)
+            to remove once the outputs are written, or None.
     """
 
     kept: Any
     rejects: Any
     scores: Any
     selection: Selection
+    work: Any = None
 
     def summary(self) -> dict:
         """Counts for printing: rows in, scored, kept, dropped by reason, threshold."""
@@ -180,37 +183,23 @@ class PruneResult:
         }
 
 
-def _check_scores_match(scores: Any, ds: Any, layout: str, columns: Any, chunk_size: int) -> None:
-    from .scoring import input_fingerprint, table_metadata
-
-    meta = table_metadata(scores)
-    if scores.num_rows != len(ds):
-        raise BadDataError(
-            f"`--scores` has {scores.num_rows} rows but the input has {len(ds)}; it was computed for another dataset"
-        )
-    expected = meta.get("input_fingerprint")
-    if expected is None:
-        raise BadDataError("`--scores` carries no input fingerprint; rescore with `ches-filter score`")
-    stored_columns = meta.get("columns") or {}
-    if stored_columns and any(stored_columns.get(k) != getattr(columns, k) for k in ("prompt", "chosen", "rejected")):
-        raise BadDataError(
-            f"`--scores` was computed with columns {stored_columns}, not the ones given now; pass the same "
-            "`--prompt-column/--chosen-column/--rejected-column`"
-        )
-    if input_fingerprint(ds, meta.get("input_format", layout), columns, chunk_size) != expected:
-        raise BadDataError("`--scores` does not belong to this input: the rows differ from the ones it scored")
-
-
 def prune_pairs(
     data: Any,
     config: PruneConfig | None = None,
     *,
     scores: Any = None,
     score_config: ScoreConfig | None = None,
+    job: JobConfig | None = None,
+    output: str | None = None,
     model: Any = None,
+    tokenizer: Any = None,
     **overrides: Any,
-) -> PruneResult:
+) -> PruneResult | None:
     """Score (or reuse scores) and keep the lowest-risk pairs.
+
+    Scoring goes through the one pipeline (:func:`ches_filter.run.score_to_table`):
+    resumable in ``job.work_dir`` (default ``OUTPUT.parts`` when ``output``
+    is given, else a temporary directory), and data parallel under torchrun.
 
     Args:
         data: path, ``datasets.Dataset`` or list of row dicts.
@@ -219,28 +208,41 @@ def prune_pairs(
         scores: a score table (``pyarrow.Table``) or the path of a score
             Parquet for exactly this input; checked by fingerprint.
         score_config: how to read and score ``data``.
-        model: an already loaded model to score with.
+        job: work directory and checkpoint size of the scoring.
+        output: where the caller will write the kept rows (names the default work directory).
+        model, tokenizer: an already loaded model to score with (see :func:`ches_filter.score_pairs`).
 
     Returns:
-        A :class:`PruneResult`.
+        A :class:`PruneResult` (its ``work`` is the work directory the caller
+        removes once its outputs are written), or None on torchrun ranks other than 0.
     """
     import pyarrow as pa
 
     from .io import read_table
-    from .scoring import load_input, score_loaded
+    from .scoring import check_scores_belong, load_input, table_metadata
 
     config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
     score_config = score_config or ScoreConfig()
     ds, layout, columns = load_input(data, score_config)
+    work = None
     if scores is None:
-        table = score_loaded(ds, layout, columns, score_config, model=model, source=data)
+        from .model import as_loaded_model
+        from .run import score_to_table
+
+        loaded = as_loaded_model(model, tokenizer) if model is not None and not isinstance(model, str) else None
+        table, work = score_to_table(
+            data, score_config, job, output=output, model=loaded, prepared=(ds, layout, columns)
+        )
+        if table is None:
+            return None
     else:
         table = read_table(str(scores))[0] if not isinstance(scores, pa.Table) else scores
-        _check_scores_match(table, ds, layout, columns, score_config.chunk_size)
+        check_scores_belong(table_metadata(table), table.num_rows, ds, layout, columns, flag="--scores",
+                            chunk_size=score_config.chunk_size)
     selection = select_rows(table, config)
     kept_idx = [i for i, k in enumerate(selection.keep) if k]
     drop_idx = [i for i, k in enumerate(selection.keep) if not k]
-    score_cols = [c for c in ("ches", "ln_ches", "status") if c in table.column_names]
+    score_cols = [m for m in MEASURES.names() if m in table.column_names] + ["status"]
     kept = ds.select(kept_idx)
     if config.add_scores:
         for name in score_cols:
@@ -252,7 +254,7 @@ def prune_pairs(
     for name in score_cols:
         values = table.column(name).to_pylist()
         rejects = rejects.add_column(_free_name(rejects, name), [values[i] for i in drop_idx])
-    return PruneResult(kept=kept, rejects=rejects, scores=table, selection=selection)
+    return PruneResult(kept=kept, rejects=rejects, scores=table, selection=selection, work=work)
 
 
 def _free_name(ds: Any, name: str) -> str:

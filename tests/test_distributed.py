@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ches_filter.cli import main
-from ches_filter.distributed import JobConfig, Topology, WorkDir, part_grid, shard_slice
+from ches_filter.config import JobConfig
+from ches_filter.run import Topology, WorkDir, part_grid, shard_slice
 from ches_filter.errors import BadFlagError
 
 from conftest import read_hh
@@ -55,14 +56,37 @@ def test_job_config_refuses_bad_values(kwargs, flag):
 
 
 def test_topology_reads_torchrun_environment(monkeypatch):
-    for name, value in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name, value in env.items():
         monkeypatch.setenv(name, value)
-    topo = Topology.from_env(JobConfig(num_shards=2, shard_index=1))
+    topo = Topology.from_env(shard_index=1, num_shards=2)
     assert (topo.rank, topo.world_size, topo.local_rank, topo.local_world_size) == (3, 4, 1, 2)
     assert (topo.worker, topo.workers) == (7, 8)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(BadFlagError, match="RANK"):
-        Topology.from_env(JobConfig())
+        Topology.from_env()
+
+
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "MASTER_PORT"])
+def test_world_size_without_rendezvous_is_one_line_naming_torchrun(monkeypatch, missing, tmp_path):
+    """WORLD_SIZE/RANK set by hand without torchrun's rendezvous: say so instead of torch's ValueError."""
+    from click.testing import CliRunner
+
+    from ches_filter.cli import main
+
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv(missing)
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for command in (["score", str(data), "-o", str(tmp_path / "s.parquet")],
+                    ["prune", str(data), "--keep", "0.5", "-o", str(tmp_path / "p.jsonl")]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2, result.output
+        assert missing in result.output and "torchrun" in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # nothing written
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,215 @@
+"""One pipeline: prune, score_pairs and score share the resumable, locked, torchrun-able path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from ches_filter.cli import main
+from ches_filter.run import WorkDir
+
+from conftest import read_hh
+
+ROWS, EVERY = 12, 4
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def listing(root) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and mtime: 'nothing written' means this does not change."""
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(base, name)
+            st = os.lstat(path)
+            out[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def hh12(tmp_path):
+    path = tmp_path / "hh12.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in read_hh(ROWS)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return ["--model", tiny_model_dir, "--checkpoint-every", EVERY, "--chunk-size", 2, "-q"]
+
+
+def _write_lock(work_dir, pid, host):
+    work = WorkDir(str(work_dir))
+    os.makedirs(work.locks_dir, exist_ok=True)
+    path = work.lock_path(0, 1)
+    with open(path, "w") as handle:
+        json.dump({"pid": pid, "host": host, "started": "2026-11-28T00:00:00+00:00"}, handle)
+    return path
+
+
+@pytest.mark.parametrize("command", ["score", "prune"])
+@pytest.mark.parametrize("host", ["here", "elsewhere"])
+def test_a_live_lock_refuses_at_once_and_writes_nothing(tmp_path, hh12, tiny, command, host):
+    out = tmp_path / ("s.parquet" if command == "score" else "kept.jsonl")
+    # A live owner: this test's parent process on this host, or any pid on another host.
+    lock = _write_lock(str(out) + ".parts", os.getppid(), socket.gethostname() if host == "here" else "node-17")
+    before = listing(tmp_path)
+    extra = ["--keep", "0.5"] if command == "prune" else []
+    t0 = time.time()
+    result = invoke(command, hh12, "-o", out, *tiny, *extra)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert "another ches-filter run" in line and str(os.getppid()) in line and lock in line
+    assert time.time() - t0 < 5, "the second run must refuse before loading anything"
+    assert listing(tmp_path) == before
+
+
+def test_a_stale_lock_on_this_host_is_taken_over(tmp_path, hh12, tiny, caplog):
+    out = tmp_path / "s.parquet"
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    _write_lock(str(out) + ".parts", dead, socket.gethostname())
+    result = invoke("score", hh12, "-o", out, *tiny)
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(out).num_rows == ROWS
+    assert not os.path.exists(str(out) + ".parts")
+
+
+def test_prune_scores_through_the_score_pipeline_and_resumes_from_its_parts(tmp_path, hh12, tiny):
+    """`prune` without --scores writes the same parts as `score` and picks them up after a crash."""
+    work = tmp_path / "w"
+    scores = tmp_path / "s.parquet"
+    assert invoke("score", hh12, "-o", scores, *tiny, "--work-dir", work, "--keep-work-dir").exit_code == 0
+    parts = {k: os.stat(p).st_mtime_ns for k, p in WorkDir(str(work)).scan_parts().items()}
+    assert len(parts) == 3
+    kept = tmp_path / "kept.jsonl"
+    result = CliRunner().invoke(main, [str(a) for a in ("prune", hh12, "--keep", 0.5, "-o", kept, *tiny[:-1], "--work-dir", work)])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 3 of 3 parts" in result.output  # nothing rescored
+    assert not work.exists()  # removed once the outputs were written
+    again = tmp_path / "kept_from_scores.jsonl"
+    assert invoke("prune", hh12, "--keep", 0.5, "--scores", scores, "-o", again).exit_code == 0
+    assert kept.read_text() == again.read_text()
+
+
+def test_prune_keeps_its_work_dir_on_request_and_refuses_work_dir_with_scores(tmp_path, hh12, tiny):
+    kept = tmp_path / "kept.parquet"
+    assert invoke("prune", hh12, "--keep", 0.5, "-o", kept, *tiny, "--keep-work-dir").exit_code == 0
+    assert WorkDir(str(kept) + ".parts").read_manifest() is not None
+    before = listing(tmp_path)
+    result = invoke("prune", hh12, "--keep", 0.5, "-o", tmp_path / "k2.parquet", "--scores", kept, "--work-dir", tmp_path / "w")
+    assert result.exit_code == 2 and "--work-dir" in result.output
+    assert listing(tmp_path) == before
+
+
+def test_score_pairs_equals_the_score_file_and_takes_a_model_object(tmp_path, hh12, tiny, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ches_filter import score_pairs
+
+    out = tmp_path / "s.parquet"
+    assert invoke("score", hh12, "-o", out, *tiny).exit_code == 0
+    from_file = pq.read_table(out)
+    by_path = score_pairs(str(hh12), model=str(tiny_model_dir), chunk_size=2, progress=False)
+    assert by_path.drop(["row_index"]).equals(from_file.drop(["row_index"]))
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
+    lm.train()  # a training script's model: scored in eval mode, its mode restored
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    by_object = score_pairs(read_hh(ROWS), model=lm, tokenizer=tok, chunk_size=2, progress=False)
+    assert lm.training
+    assert by_object.column("ches").to_pylist() == pytest.approx(from_file.column("ches").to_pylist(), rel=1e-6)
+    assert by_object.column("status").to_pylist() == from_file.column("status").to_pylist()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".parts")]
+
+
+def test_score_pairs_refuses_a_model_object_without_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ches_filter import score_pairs
+    from ches_filter.errors import BadFlagError
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(BadFlagError, match="tokenizer="):
+        score_pairs(read_hh(2), model=lm)
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+@pytest.mark.slow
+def test_concurrent_second_run_refuses_and_the_first_finishes(tmp_path, tiny_model_dir):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(200)), encoding="utf-8")
+    out = tmp_path / "s.parquet"
+    command = [sys.executable, "-m", "ches_filter", "score", str(data), "-o", str(out), "--model", str(tiny_model_dir),
+               "--checkpoint-every", "20", "-q"]
+    first = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    work = WorkDir(str(out) + ".parts")
+    deadline = time.time() + 120
+    while not os.path.exists(work.lock_path(0, 1)) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.02)
+    second = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=120)
+    finished = first.communicate(timeout=600)
+    assert first.returncode == 0, finished[1][-2000:]
+    assert second.returncode == 2, second.stderr
+    assert "another ches-filter run" in second.stderr and str(first.pid) in second.stderr
+    assert pq.read_table(out).num_rows == 200
+    assert not os.path.exists(work.path)
+
+
+@pytest.mark.slow
+def test_prune_killed_then_rerun_gives_the_uninterrupted_output(tmp_path, tiny_model_dir):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(120)), encoding="utf-8")
+
+    def command(out):
+        return [sys.executable, "-m", "ches_filter", "prune", str(data), "--keep", "0.7", "-o", str(out),
+                "--model", str(tiny_model_dir), "--checkpoint-every", "10", "--chunk-size", "5"]
+
+    reference = tmp_path / "ref.jsonl"
+    assert subprocess.run(command(reference), env=_env(), capture_output=True, timeout=600).returncode == 0
+    out = tmp_path / "kept.jsonl"
+    work = WorkDir(str(out) + ".parts")
+    proc = subprocess.Popen(command(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(work.scan_parts()) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not out.exists()
+    rerun = subprocess.run(command(out), env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming:" in rerun.stderr
+    assert out.read_bytes() == reference.read_bytes()
+
+
+@pytest.mark.slow
+def test_prune_under_torchrun_equals_one_process(tmp_path, tiny_model_dir):
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(30)), encoding="utf-8")
+    flags = ["--keep", "0.6", "--model", str(tiny_model_dir), "--checkpoint-every", "4", "--chunk-size", "2", "-q"]
+    single = tmp_path / "single.jsonl"
+    assert invoke("prune", data, "-o", single, *flags, "--rejects", tmp_path / "single_rejects.jsonl").exit_code == 0
+    out = tmp_path / "dp.jsonl"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ches_filter", "prune", str(data), "-o", str(out), "--rejects", str(tmp_path / "dp_rejects.jsonl"), *flags]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_bytes() == single.read_bytes()
+    assert (tmp_path / "dp_rejects.jsonl").read_bytes() == (tmp_path / "single_rejects.jsonl").read_bytes()
+    assert done.stdout.count("kept:") == 1  # rank 0 reports
