@@ -450,7 +450,9 @@ def measure_displacement(
         "config": dataclasses.asdict(config),
         "summary": summary,
     }
-    return table.replace_schema_metadata({b"ches_filter": json.dumps(metadata).encode()})
+    from .io import METADATA_KEY
+
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 
 
 # ------------------------------------------------------------------- summary

@@ -540,5 +540,7 @@ def check_scores_belong(meta: dict, score_rows: int, ds: Any, layout: str, colum
 
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
-    raw = (table.schema.metadata or {}).get(b"ches_filter")
+    from .io import METADATA_KEY
+
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from typing import Any
 
 from ..errors import BadDataError, BadFlagError
@@ -38,6 +39,7 @@ __all__ = ["WorkDir", "MANIFEST_FORMAT", "read_manifest", "default_work_dir", "c
 MANIFEST_FORMAT = 1
 _PART_NAME = re.compile(r"^(\d{12})-(\d{12})\.rank-(\d{5})\.parquet$")
 _OURS = frozenset({"parts", "stats", "completions", "locks"})
+_UNREADABLE_LOCK_S = 60.0
 
 
 def default_work_dir(output: str) -> str:
@@ -233,7 +235,7 @@ class WorkDir:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 owner = self._lock_owner(path)
-                if owner is not None and self._stale(owner):
+                if self._stale(owner, path):
                     logger.warning("taking over the stale lock of pid %s on %s (no such process)", owner.get("pid"), owner.get("host"))
                     try:
                         os.unlink(path)
@@ -247,9 +249,15 @@ class WorkDir:
                     f"another ches-filter run is using the work directory {self.path}{shard_text}: {who}. "
                     f"Wait for it to finish; if it is no longer running, delete {path} and rerun"
                 ) from None
-            with writing(path):
-                with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                    json.dump(record, handle)
+            try:
+                with writing(path):
+                    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                        json.dump(record, handle)
+            except BaseException:
+                # e.g. a full disk: an empty lock file must not block the rerun
+                os.unlink(path)
+                self._remove_if_empty()
+                raise
             return path
         raise BadFlagError(f"could not take the lock {path}: it keeps changing; is another run starting there?")
 
@@ -263,9 +271,26 @@ class WorkDir:
             return None
 
     @staticmethod
-    def _stale(owner: dict) -> bool:
+    def _stale(owner: dict | None, path: str) -> bool:
+        """A lock whose owner on this host is gone, or an unreadable one older than a minute.
+
+        A live owner writes its record right after creating the file, so an
+        empty or garbled lock file that old was left by a crash in between.
+        """
+        if owner is None:
+            try:
+                return time.time() - os.path.getmtime(path) > _UNREADABLE_LOCK_S
+            except OSError:
+                return True
         pid = owner.get("pid")
         return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+
+    def _remove_if_empty(self) -> None:
+        for directory in (self.locks_dir, self.path):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                return
 
     @staticmethod
     def release(lock: str | None) -> None:
@@ -283,12 +308,7 @@ class WorkDir:
                 os.unlink(lock)
         except (OSError, ValueError, AttributeError):
             return
-        locks = os.path.dirname(lock)
-        for directory in (locks, os.path.dirname(locks)):
-            try:
-                os.rmdir(directory)  # only if empty
-            except OSError:
-                return
+        WorkDir(os.path.dirname(os.path.dirname(lock)))._remove_if_empty()
 
     # -------------------------------------------------------------- remove
     def remove(self) -> None:
