@@ -22,6 +22,8 @@ MEASURES = ("ches", "ln_ches")
 SCORE_MEASURES = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
 #: Token layouts (see ``ches_filter.batching``): the paper's, or TRL's DPO preprocessing.
 TOKEN_LAYOUTS = ("paper", "trl")
+#: ``--on-special-tokens``: what to do with rows whose text holds the tokenizer's special tokens.
+SPECIAL_TOKEN_MODES = ("keep", "flag", "drop")
 
 
 def _choice(flag: str, value, choices) -> None:
@@ -65,9 +67,11 @@ class ScoreConfig:
     quiet: bool = False
     layout: str = "paper"
     measures: str = "ches,ln_ches"
+    on_special_tokens: str = "keep"
 
     def __post_init__(self) -> None:
         _choice("layout", self.layout, TOKEN_LAYOUTS)
+        _choice("on-special-tokens", self.on_special_tokens, SPECIAL_TOKEN_MODES)
         self.measures = _measures(self.measures)
         _choice("dtype", self.dtype, DTYPES)
         _choice("engine", self.engine, ENGINES)

@@ -885,6 +885,7 @@ def assemble(work: WorkDir, output: str, *, overwrite: bool = False, input_name:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from .batching import SpecialRows
     from .io import METADATA_KEY, atomic_path, check_output_path
     from .scoring import merge_counts, status_counts
 
@@ -911,9 +912,14 @@ def assemble(work: WorkDir, output: str, *, overwrite: bool = False, input_name:
             raise BadDataError(f"part {path} cannot be read ({exc}); delete it and rerun the same command to redo it") from None
 
     counts: dict[str, int] = {}
+    special = SpecialRows()
     for path in ordered:  # first pass: the counts go into the footer's metadata
-        merge_counts(counts, status_counts(read(path, ["status"]).column("status")))
+        status = read(path, ["status"])
+        merge_counts(counts, status_counts(status.column("status")))
+        special.add(SpecialRows.from_metadata(status.schema.metadata))
     metadata["counts"] = counts
+    metadata["special_token_rows"] = special.count
+    special.log(metadata.get("on_special_tokens"))
     schema = read(ordered[0]).schema.remove_metadata() if ordered else None
     if schema is None:
         raise BadDataError(f"{work.path} holds no parts")
