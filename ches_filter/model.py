@@ -149,8 +149,11 @@ def find_gguf(source: str) -> Path | None:
 
 def _gguf_magic_problem(gguf: Path) -> str | None:
     """Whether the file starts as every GGUF file does (reads 4 bytes)."""
-    with open(gguf, "rb") as handle:
-        head = handle.read(4)
+    try:
+        with open(gguf, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
     if head == b"GGUF":
         return None
     if not head:
@@ -401,6 +404,9 @@ def check_model_source(model: str | None) -> Path | None:
         return None  # a Hub id
     gguf = find_gguf(model)
     if gguf is not None:
+        problem = _gguf_magic_problem(gguf)
+        if problem:
+            raise _gguf_error(gguf, problem)
         return gguf
     if path.is_file():
         raise BadDataError(
