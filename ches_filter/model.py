@@ -7,6 +7,13 @@ is used. GGUF checkpoints are de-quantised by transformers (tens of seconds),
 so the converted model (safetensors + tokenizer) is cached under
 ``$CHES_FILTER_CACHE`` (default ``~/.cache/ches_filter``), keyed by the GGUF
 file's SHA-256, and reused.
+
+Everything about the source is checked before torch is imported or a byte is
+written (:func:`check_model_source`, :func:`check_cache_root`): a path that
+does not exist, a file that is not a (whole) GGUF, a directory without config,
+weights or tokenizer or with a corrupt one, a cache path that is a file. The
+conversion is atomic (temporary directory, fsync, rename) and a cached entry
+found cut short is converted again.
 """
 
 from __future__ import annotations
