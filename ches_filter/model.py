@@ -93,6 +93,11 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpac
 _CACHE_FIX = "point `CHES_FILTER_CACHE` at a writable directory (or unset it to use ~/.cache/ches_filter)"
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (library messages often span several)."""
+    return " ".join(str(exc).split())
+
+
 def looks_like_path(source: str) -> bool:
     """Whether a ``--model`` value can only mean a local path, not a Hub id (``name`` or ``owner/name``).
 
@@ -224,7 +229,7 @@ def gguf_problem(gguf: Path) -> str | None:
             return f"it is truncated: it holds {size:,} of the {expected:,} bytes its header describes"
         return f"it is truncated: it ends at byte {size:,}, inside its header (at least {exc.needed:,} bytes expected)"
     except (ValueError, KeyError, IndexError, OverflowError) as exc:
-        return f"it is not a readable GGUF file ({exc})"
+        return f"it is not a readable GGUF file ({_one_line(exc)})"
     return None
 
 
@@ -270,7 +275,7 @@ def checkpoint_problem(path: Path) -> str | None:
             with safe_open(str(file), framework="np"):
                 pass
         except (SafetensorError, OSError) as exc:
-            return f"{file.name} is corrupt or truncated ({exc})"
+            return f"{file.name} is corrupt or truncated ({_one_line(exc)})"
     return None
 
 
@@ -307,7 +312,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - the GGUF loader raises anything (ValueError, struct.error, KeyError, ...)
-            raise _gguf_error(gguf, f"transformers cannot convert it ({type(exc).__name__}: {exc})") from None
+            raise _gguf_error(gguf, f"transformers cannot convert it ({type(exc).__name__}: {_one_line(exc)})") from None
         # The weights are already de-quantised floats; only the GGUF marker stops
         # save_pretrained from writing them.
         if hasattr(model.config, "quantization_config"):
@@ -378,6 +383,8 @@ def cached_gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
         aside = target.parent / f".{target.name}.corrupt-{os.getpid()}"
         try:
             os.replace(target, aside)
+        except FileNotFoundError:
+            pass  # another process moved it aside first
         except OSError as exc:
             raise BadDataError(
                 f"the cached conversion {target} is unusable ({problem}) and cannot be moved aside ({exc.strerror or exc}); "
@@ -567,17 +574,17 @@ def load_model(
         net = cls.from_pretrained(load_from, **kwargs)
     except ImportError as exc:
         if attn_implementation == "flash_attention_2":
-            raise BadFlagError(f"`--attn-implementation flash_attention_2` is not usable here ({exc}); use `sdpa`") from None
+            raise BadFlagError(f"`--attn-implementation flash_attention_2` is not usable here ({_one_line(exc)}); use `sdpa`") from None
         raise
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise BadFlagError(
                 f"{model} needs custom code from its repository; review it, then pass `--trust-remote-code`"
             ) from None
-        raise BadDataError(f"cannot load model {model}: {exc}") from None
+        raise BadDataError(f"cannot load model {model}: {_one_line(exc)}") from None
     except OSError as exc:
         raise BadDataError(
-            f"cannot load model {model!r}: {exc}. `--model` takes a Hub id, a local directory, or a .gguf file"
+            f"cannot load model {model!r}: {_one_line(exc)}. `--model` takes a Hub id, a local directory, or a .gguf file"
         ) from None
     if not device_map:
         net.to(dev)
