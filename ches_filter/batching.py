@@ -18,7 +18,9 @@ run will actually train on.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,7 +30,92 @@ from .registry import Registry
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EncodedPair", "PairEncoder", "token_budget_batches", "TOKEN_LAYOUTS"]
+#: ``--on-special-tokens``: rows whose text holds the tokenizer's special tokens are
+#: scored and counted (keep), scored with a ``special_tokens`` column (flag), or
+#: given that status and left unscored (drop).
+SPECIAL_TOKEN_MODES = ("keep", "flag", "drop")
+
+__all__ = [
+    "EncodedPair", "PairEncoder", "token_budget_batches", "TOKEN_LAYOUTS", "special_token_pattern", "SpecialRows",
+]
+
+#: Status of a row whose text holds a special token, under ``--on-special-tokens drop``.
+SPECIAL_TOKENS_STATUS = "special_tokens"
+#: Schema-metadata key of a score part (or range table) that records its special-token rows.
+PART_METADATA_KEY = b"ches_filter_part"
+#: How many row indices of special-token rows are kept for the log line.
+_SPECIAL_EXAMPLES = 5
+
+
+def special_token_pattern(tokenizer: Any) -> "re.Pattern[str] | None":
+    """One regex matching any special token of ``tokenizer`` as plain text, or None if it has none.
+
+    The tokens are ``all_special_tokens`` plus every added token marked
+    special (SmolLM2: ``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``,
+    ``<repo_name>``, ...): a fast tokenizer turns each of them, found in the
+    text, into its control token id. Whitespace-only tokens are left out
+    (they would match nearly every row). Longest first, so a token that
+    contains another is reported as itself. Built once per tokenizer; one
+    ``search`` per text then scans in C.
+    """
+    tokens = {str(t) for t in (getattr(tokenizer, "all_special_tokens", None) or [])}
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            tokens.add(str(getattr(added, "content", added)))
+    tokens = sorted((t for t in tokens if t.strip()), key=lambda t: (-len(t), t))
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+class SpecialRows:
+    """Rows whose text holds special tokens: a count and the first few row indices.
+
+    Travels with each score range as schema metadata (:data:`PART_METADATA_KEY`),
+    so parts written by any rank, shard or earlier run add up exactly.
+    """
+
+    def __init__(self, count: int = 0, examples: Sequence[int] = ()) -> None:
+        self.count = int(count)
+        self.examples = sorted(int(i) for i in examples)[:_SPECIAL_EXAMPLES]
+
+    def add_rows(self, start: int, flags: Sequence[bool]) -> None:
+        """Add one chunk's per-row flags, its first row being ``start``."""
+        hits = [start + i for i, flag in enumerate(flags) if flag]
+        self.count += len(hits)
+        self.examples = sorted(self.examples + hits[:_SPECIAL_EXAMPLES])[:_SPECIAL_EXAMPLES]
+
+    def add(self, other: "SpecialRows") -> None:
+        self.count += other.count
+        self.examples = sorted(self.examples + other.examples)[:_SPECIAL_EXAMPLES]
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """Schema metadata of a range table holding these rows."""
+        return {PART_METADATA_KEY: json.dumps({"special_token_rows": self.count, "examples": self.examples}).encode()}
+
+    @classmethod
+    def from_metadata(cls, metadata: Any) -> "SpecialRows":
+        """The rows recorded in a part's schema metadata (none when absent)."""
+        raw = (metadata or {}).get(PART_METADATA_KEY)
+        if not raw:
+            return cls()
+        info = json.loads(raw)
+        return cls(info.get("special_token_rows", 0), info.get("examples", ()))
+
+    def log(self, mode: str | None) -> None:
+        """One log line when any row holds special tokens: a warning under ``keep``."""
+        if not self.count:
+            return
+        rows = ", ".join(map(str, self.examples)) + (", ..." if self.count > len(self.examples) else "")
+        what = f"{self.count} row(s) (row_index {rows}) hold special-token text of the tokenizer"
+        if mode == "drop":
+            logger.info("%s; they got status %s and were not scored (`--on-special-tokens drop`)", what,
+                        SPECIAL_TOKENS_STATUS)
+        elif mode == "flag":
+            logger.info("%s; they are scored and marked in the `special_tokens` column", what)
+        else:
+            logger.warning(
+                "%s; the tokenizer reads it as control tokens (as TRL does in training) and they were scored so; "
+                "`--on-special-tokens flag` marks them, `drop` leaves them unscored", what,
+            )
 
 
 @dataclass(frozen=True)
@@ -101,11 +188,18 @@ class PairEncoder:
             :meth:`encode_trl`).
         input_format: the input's layout (:data:`~ches_filter.formats.LAYOUTS`);
             ``"trl"`` needs it to split HH-style transcripts as TRL does.
+        on_special_tokens: ``keep``/``flag`` encode a row whose text holds a
+            special token as usual (the token becomes a control token, as in
+            TRL); ``drop`` gives it status ``special_tokens`` instead.
     """
 
     def __init__(self, tokenizer: Any, *, use_chat_template: bool = True, layout: str = "paper",
-                 input_format: str | None = None) -> None:
+                 input_format: str | None = None, on_special_tokens: str = "keep") -> None:
         TOKEN_LAYOUTS.get(layout)
+        if on_special_tokens not in SPECIAL_TOKEN_MODES:
+            raise ValueError(f"on_special_tokens must be one of {SPECIAL_TOKEN_MODES}, got {on_special_tokens!r}")
+        self.on_special_tokens = on_special_tokens
+        self.special_pattern = special_token_pattern(tokenizer)
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -150,6 +244,21 @@ class PairEncoder:
             tuple(self.encode_prompt(pair)), tuple(self.encode_response(chosen)), tuple(self.encode_response(rejected))
         )
 
+    def has_special_tokens(self, pair: Pair) -> bool:
+        """Whether an ``ok`` pair's prompt, chosen or rejected text holds a special token as plain text."""
+        if self.special_pattern is None or pair.status != "ok":
+            return False
+        search = self.special_pattern.search
+        texts = (pair.chosen, pair.rejected, pair.prompt_text, pair.chosen_text, pair.rejected_text)
+        if any(t is not None and search(t) for t in texts):
+            return True
+        return any(isinstance(m.get("content"), str) and search(m["content"]) for m in pair.prompt_messages or ())
+
+    def encode_chunk(self, pairs: Sequence[Pair], max_length: int) -> tuple[list[tuple[str, EncodedPair | None]], list[bool]]:
+        """:meth:`encode_checked_many`, plus which pairs hold special-token text (:meth:`has_special_tokens`)."""
+        special = [self.has_special_tokens(pair) for pair in pairs]
+        return self.encode_checked_many(pairs, max_length, special=special), special
+
     def encode_checked(self, pair: Pair, max_length: int) -> tuple[str, EncodedPair | None]:
         """Encode a pair and name what keeps it from being scored.
 
@@ -158,12 +267,16 @@ class PairEncoder:
             ``ok`` already (``encoded`` None); ``chat_template_error`` when the
             template or tokenizer raised (anything but a
             :class:`~ches_filter.errors.BadDataError`, which propagates);
+            ``special_tokens`` under ``on_special_tokens="drop"`` when the
+            text holds a special token (not encoded);
             ``too_long`` when a side's sequence exceeds ``max_length``;
             ``identical_responses`` when both responses encode the same;
             else ``ok``.
         """
         if pair.status != "ok":
             return pair.status, None
+        if self.on_special_tokens == "drop" and self.has_special_tokens(pair):
+            return SPECIAL_TOKENS_STATUS, None
         try:
             enc = self.encode(pair)
         except BadDataError:
@@ -173,7 +286,9 @@ class PairEncoder:
             return "chat_template_error", None
         return _classify(enc, max_length)
 
-    def encode_checked_many(self, pairs: Sequence[Pair], max_length: int) -> list[tuple[str, EncodedPair | None]]:
+    def encode_checked_many(
+        self, pairs: Sequence[Pair], max_length: int, *, special: Sequence[bool] | None = None
+    ) -> list[tuple[str, EncodedPair | None]]:
         """:meth:`encode_checked` for many pairs, with the same ids and statuses.
 
         Prompts, chosen and rejected responses each go to the tokenizer as one
@@ -184,12 +299,18 @@ class PairEncoder:
         returns exactly what the single calls return. If it raises (a chat
         template that fails on some row), the pairs are redone one at a time so
         that only the bad rows get ``chat_template_error``.
+
+        ``special`` (:meth:`has_special_tokens` of each pair, if already known)
+        saves a second scan under ``on_special_tokens="drop"``.
         """
         results: list[tuple[str, EncodedPair | None] | None] = [None] * len(pairs)
         todo: list[int] = []
+        drop = self.on_special_tokens == "drop"
         for i, pair in enumerate(pairs):
             if pair.status != "ok":
                 results[i] = (pair.status, None)
+            elif drop and (special[i] if special is not None else self.has_special_tokens(pair)):
+                results[i] = (SPECIAL_TOKENS_STATUS, None)
             elif not self.use_chat_template and pair.prompt_text is None:
                 self.encode_prompt(pair)  # raises the BadDataError that names the fix
             else:

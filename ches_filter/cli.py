@@ -15,7 +15,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .batching import TOKEN_LAYOUTS
+from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
 from .config import ATTN_IMPLEMENTATIONS, DEFAULT_CHECKPOINT_EVERY, DTYPES, JobConfig, PruneConfig, ScoreConfig
 from .errors import ChesFilterError
 from .formats import LAYOUTS
@@ -97,6 +97,7 @@ def score_options(fn: Callable) -> Callable:
         click.option("--no-chat-template", is_flag=True, default=False, help="Tokenize the prompt's text form instead of rendering the chat template."),
         click.option("--layout", type=click.Choice(TOKEN_LAYOUTS.names()), default="paper", show_default=True, help="Response tokens: " + "; ".join(f"{t.name} = {t.description}" for t in TOKEN_LAYOUTS.values()) + "."),
         click.option("--measures", default=",".join(DEFAULT_MEASURES), show_default=True, help="Comma-separated columns to compute: " + ", ".join(MEASURES.names()) + "."),
+        click.option("--on-special-tokens", type=click.Choice(SPECIAL_TOKEN_MODES), default="keep", show_default=True, help="Rows whose text holds the tokenizer's special tokens (e.g. <|im_end|>, read as control tokens, as TRL does): keep = score, warn with the count; flag = score, add a bool column special_tokens; drop = status special_tokens, unscored."),
         click.option("--max-length", type=int, default=None, help="Pairs longer than this (prompt + longest response, tokens) get status too_long. Default: the model's context."),
         click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per forward pass. Default: 512 on CPU, 65536 on CUDA."),
         click.option("--engine-workers", type=int, default=None, help="Forward passes in flight at once, each on its own thread. Default: on CPU one per core (up to 4, each single-threaded), on CUDA 1."),
@@ -108,6 +109,14 @@ def score_options(fn: Callable) -> Callable:
     for option in reversed(options):
         fn = option(fn)
     return fn
+
+
+def _check_model_early(config: ScoreConfig) -> None:
+    """Refuse a wrong ``--model`` path or ``CHES_FILTER_CACHE`` before the input is read (milliseconds)."""
+    from .model import check_cache_root, check_model_source
+
+    if check_model_source(config.model) is not None:
+        check_cache_root()
 
 
 def _split(kwargs: dict, cls: type) -> tuple[Any, dict]:
@@ -133,8 +142,23 @@ def main() -> None:
     """
 
 
+def _special_rows(output: str) -> int:
+    """``special_token_rows`` recorded in a written score file's metadata (0 when absent)."""
+    import pyarrow.parquet as pq
+
+    from .io import METADATA_KEY
+
+    try:
+        raw = (pq.read_schema(output).metadata or {}).get(METADATA_KEY)
+        return int(json.loads(raw).get("special_token_rows") or 0) if raw else 0
+    except (OSError, ValueError):
+        return 0
+
+
 def _echo_counts(counts: dict, rows: int, output: str) -> None:
-    click.echo(f"scored {counts.get('ok', 0)} of {rows} rows -> {output}")
+    special = _special_rows(output)
+    click.echo(f"scored {counts.get('ok', 0)} of {rows} rows -> {output}"
+               + (f" ({special} rows hold special-token text)" if special else ""))
     others = {k: v for k, v in sorted(counts.items()) if k != "ok"}
     if others:
         click.echo("not scored as ok: " + ", ".join(f"{k} {v}" for k, v in others.items()))
@@ -178,6 +202,7 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     rank = torchrun_rank()
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
+    _check_model_early(config)
     from .io import output_kind
     from .run import score_to_file
 
@@ -253,6 +278,8 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
 
     if scores is not None and job.work_dir is not None:
         raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")
+    if scores is None:
+        _check_model_early(config)
     inputs = [input] + ([scores] if scores else [])
     for path in [output] + ([rejects] if rejects else []):
         output_kind(path)
@@ -340,6 +367,7 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     from .displacement import format_summary, measure_displacement
     from .scoring import table_metadata
 
+    _check_model_early(config)
     if output is not None:
         if not output.endswith(".parquet"):
             raise click.BadParameter(f"the result file must end in .parquet, got {output!r}", param_hint="'--output'")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
-from .batching import TOKEN_LAYOUTS
+from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
 from .errors import BadFlagError
 from .formats import LAYOUTS
 from .measures import DEFAULT_MEASURES, MEASURES
@@ -63,9 +63,11 @@ class ScoreConfig:
     quiet: bool = False
     layout: str = "paper"
     measures: str = ",".join(DEFAULT_MEASURES)
+    on_special_tokens: str = "keep"
 
     def __post_init__(self) -> None:
         _choice("layout", self.layout, TOKEN_LAYOUTS.names())
+        _choice("on-special-tokens", self.on_special_tokens, SPECIAL_TOKEN_MODES)
         self.measures = _measures(self.measures)
         _choice("dtype", self.dtype, DTYPES)
         _choice("engine", self.engine, ENGINE_CHOICES)

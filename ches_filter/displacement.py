@@ -389,7 +389,8 @@ def measure_displacement(
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("displacement needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
     encoder = PairEncoder(
-        model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
+        model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout,
+        on_special_tokens=score_config.on_special_tokens,
     )
     if not encoder.use_chat_template and LAYOUTS.get(layout).conversational:
         raise BadDataError(

@@ -7,6 +7,13 @@ is used. GGUF checkpoints are de-quantised by transformers (tens of seconds),
 so the converted model (safetensors + tokenizer) is cached under
 ``$CHES_FILTER_CACHE`` (default ``~/.cache/ches_filter``), keyed by the GGUF
 file's SHA-256, and reused.
+
+Everything about the source is checked before torch is imported or a byte is
+written (:func:`check_model_source`, :func:`check_cache_root`): a path that
+does not exist, a file that is not a (whole) GGUF, a directory without config,
+weights or tokenizer or with a corrupt one, a cache path that is a file. The
+conversion is atomic (temporary directory, fsync, rename) and a cached entry
+found cut short is converted again.
 """
 
 from __future__ import annotations
@@ -74,6 +81,65 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: Suffixes of single model files: a ``--model`` ending in one is a path, never a Hub id.
+MODEL_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+#: Files that make a directory hold a tokenizer (any one is enough for ``from_pretrained`` to try).
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+    "spiece.model", "sentencepiece.bpe.model", "tekken.json",
+)
+#: Patterns of weight files ``from_pretrained`` reads.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.h5", "*.msgpack", "*.index.json")
+_CACHE_FIX = "point `CHES_FILTER_CACHE` at a writable directory (or unset it to use ~/.cache/ches_filter)"
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line (library messages often span several)."""
+    return " ".join(str(exc).split())
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether a ``--model`` value can only mean a local path, not a Hub id (``name`` or ``owner/name``).
+
+    It starts with ``.``, ``/`` or ``~``, holds a backslash or more than one
+    ``/``, or ends in a model-file suffix (:data:`MODEL_FILE_SUFFIXES`).
+    """
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or (os.sep != "/" and os.sep in source)
+        or source.count("/") > 1
+        or source.lower().endswith(MODEL_FILE_SUFFIXES)
+    )
+
+
+def check_cache_root() -> Path:
+    """The cache directory, refused at once when ``$CHES_FILTER_CACHE`` names something that is not a directory.
+
+    Raises:
+        BadFlagError: the cache path (or one of its parents) is a file.
+    """
+    root = cache_root()
+    for path in (root, *root.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                what = "`CHES_FILTER_CACHE`" if os.environ.get("CHES_FILTER_CACHE") else "the cache directory"
+                where = str(root) if path == root else f"{root} (its parent {path} is a file)"
+                raise BadFlagError(f"{what} {where} is not a directory; {_CACHE_FIX}")
+            break
+    return root
+
+
+def _make_cache_dir(path: Path) -> None:
+    """Create ``path`` (a directory under the cache root) or say which variable to change."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadFlagError(
+            f"cannot create the cache directory {path} ({exc.strerror or exc}); {_CACHE_FIX}"
+        ) from None
+
+
 def find_gguf(source: str) -> Path | None:
     """Return the GGUF file ``source`` names, or None when it is not a GGUF source.
 
@@ -93,42 +159,282 @@ def find_gguf(source: str) -> Path | None:
     return None
 
 
+def _gguf_magic_problem(gguf: Path) -> str | None:
+    """Whether the file starts as every GGUF file does (reads 4 bytes)."""
+    try:
+        with open(gguf, "rb") as handle:
+            head = handle.read(4)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if head == b"GGUF":
+        return None
+    if not head:
+        return "it is empty, not a GGUF file"
+    return f"it is not a GGUF file (it starts with {head!r}; a GGUF file starts with b'GGUF')"
+
+
+class _Truncated(Exception):
+    """A read past the end of a GGUF file: ``needed`` is the byte it had to reach."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+def gguf_problem(gguf: Path) -> str | None:
+    """What is wrong with a GGUF file, in words, or None when the gguf library reads it whole.
+
+    The ``gguf`` package's reader parses the header and maps every tensor; a
+    read past the end of the file is caught to say where the file stops and
+    how long its header says it should be.
+    """
+    problem = _gguf_magic_problem(gguf)
+    if problem:
+        return problem
+    size = gguf.stat().st_size
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        tensor_fields: Any = None
+
+        def _get(self, offset, dtype, count=1, override_order=None):  # noqa: ANN001 - the library's signature
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise _Truncated(end)
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):  # noqa: ANN001
+            self.tensor_fields = (start_offs, fields)
+            super()._build_tensors(start_offs, fields)
+
+    reader = None
+    try:
+        reader = Reader.__new__(Reader)
+        Reader.__init__(reader, gguf)
+    except _Truncated as exc:
+        expected = None
+        if reader is not None and reader.tensor_fields is not None:
+            start, fields = reader.tensor_fields
+            try:
+                ends = []
+                for field in fields:
+                    dims, raw_type, offset = field.parts[3], field.parts[4], field.parts[5]
+                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+                    ends.append(int(start) + int(offset[0]) + int(np.prod(dims)) * type_size // block)
+                expected = max(ends)
+            except Exception:  # noqa: BLE001 - the exact size is a courtesy; "at least" still holds
+                expected = None
+        if expected is not None:
+            return f"it is truncated: it holds {size:,} of the {expected:,} bytes its header describes"
+        return f"it is truncated: it ends at byte {size:,}, inside its header (at least {exc.needed:,} bytes expected)"
+    except (ValueError, KeyError, IndexError, OverflowError) as exc:
+        return f"it is not a readable GGUF file ({_one_line(exc)})"
+    return None
+
+
+def _gguf_error(gguf: Path, problem: str) -> BadDataError:
+    return BadDataError(
+        f"`--model` {gguf}: {problem}; download or copy the file again (a complete llama.cpp GGUF), "
+        "or pass a from_pretrained directory or a Hub id"
+    )
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes a ``from_pretrained`` directory unusable before transformers reads it, or None.
+
+    Refuses a directory with no config, no weights or no tokenizer (listing
+    what it holds), a JSON file that does not parse, and a ``.safetensors``
+    file whose header does not cover the file (truncated or corrupt). Only
+    headers are read: milliseconds for a 7B checkpoint.
+    """
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as exc:
+        return f"the directory cannot be listed ({exc.strerror or exc})"
+    shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    found = f"it holds {shown}" if names else "it is empty"
+    weights = sorted({p for pattern in _WEIGHT_PATTERNS for p in path.glob(pattern)})
+    missing = [what for what, ok in (
+        ("config.json", (path / "config.json").is_file()),
+        ("weights (*.safetensors or pytorch_model*.bin)", bool(weights)),
+        ("tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model, ...)",
+         any((path / n).is_file() for n in _TOKENIZER_FILES) or any(path.glob("*.tiktoken"))),
+    ) if not ok]
+    if missing:
+        return f"the directory holds no {' and no '.join(missing)}; {found}"
+    for file in sorted(path.glob("*.json")):
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"{file.name} is corrupt or truncated (not valid JSON: {exc})"
+    from safetensors import SafetensorError, safe_open
+
+    for file in (w for w in weights if w.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), framework="np"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            return f"{file.name} is corrupt or truncated ({_one_line(exc)})"
+    return None
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """De-quantise a GGUF checkpoint into a plain ``from_pretrained`` directory."""
+    """De-quantise a GGUF checkpoint into a plain ``from_pretrained`` directory, atomically.
+
+    The directory is written under a hidden temporary name next to ``target``
+    (created first, so an unwritable cache fails before the slow part),
+    fsynced, and renamed into place: a crash leaves only the temporary, which
+    is never read and is removed by the next conversion on the same host.
+    """
+    import socket
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import torch
 
-    logger.info("converting %s to a cached float32 checkpoint (once; ~30 s)", gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are already de-quantised floats; only the GGUF marker stops
-    # save_pretrained from writing them.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _make_cache_dir(target.parent)
+    host = socket.gethostname()
+    _remove_stale_temporaries(target, host)
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "ches_filter_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": target.name.rsplit("-", 1)[-1]}))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{host}-{os.getpid()}-", dir=target.parent))
+    except OSError as exc:
+        raise BadFlagError(f"cannot write to the cache directory {target.parent} ({exc.strerror or exc}); {_CACHE_FIX}") from None
+    try:
+        # The gguf library reads the file whole in seconds; transformers would
+        # fail on a cut file only after half a minute, with a raw numpy error.
+        problem = gguf_problem(gguf)
+        if problem:
+            raise _gguf_error(gguf, problem)
+        logger.info("converting %s to a cached float32 checkpoint (once; ~30 s)", gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the GGUF loader raises anything (ValueError, struct.error, KeyError, ...)
+            raise _gguf_error(gguf, f"transformers cannot convert it ({type(exc).__name__}: {_one_line(exc)})") from None
+        # The weights are already de-quantised floats; only the GGUF marker stops
+        # save_pretrained from writing them.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "ches_filter_source.json").write_text(
+                json.dumps({"gguf": str(gguf), "gguf_sha256": target.name.rsplit("-", 1)[-1]})
+            )
+            for file in tmp.iterdir():
+                with open(file, "rb") as handle:
+                    os.fsync(handle.fileno())
+        except OSError as exc:
+            raise BadDataError(
+                f"cannot write the converted model to the cache {target.parent} ({exc.strerror or exc}); "
+                f"free space there or {_CACHE_FIX}"
+            ) from None
         try:
             os.replace(tmp, target)
         except OSError:
-            # Another process converted the same file first: keep theirs.
-            if not (target / "config.json").exists():
-                raise
+            # Another process converted the same file first: keep theirs if it is whole.
+            if not target.is_dir() or checkpoint_problem(target) is not None:
+                raise BadDataError(
+                    f"the cache entry {target} appeared while converting and is incomplete; delete it and rerun"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_stale_temporaries(target: Path, host: str) -> None:
+    """Delete temporaries of ``target`` left by killed conversions of this host (their pid is gone)."""
+    prefix = f".{target.name}.tmp-{host}-"
+    for path in target.parent.glob(f"{prefix}*"):
+        pid = path.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def cached_gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
-    """Return ``(directory, sha256)`` of the converted checkpoint for a GGUF file, converting once."""
+    """Return ``(directory, sha256)`` of the converted checkpoint for a GGUF file, converting once.
+
+    A cache entry that is incomplete or corrupt (a file cut short, a JSON
+    file that does not parse) is moved aside and converted again.
+    """
+    check_cache_root()
+    problem = _gguf_magic_problem(gguf)
+    if problem:
+        raise _gguf_error(gguf, problem)
     sha = file_sha256(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
-    if not (target / "config.json").exists():
-        _convert_gguf(gguf, target)
+    if target.is_dir():
+        problem = checkpoint_problem(target)
+        if problem is None:
+            return target, sha
+        logger.warning("the cached conversion %s is unusable (%s); converting %s again", target, problem, gguf.name)
+        aside = target.parent / f".{target.name}.corrupt-{os.getpid()}"
+        try:
+            os.replace(target, aside)
+        except FileNotFoundError:
+            pass  # another process moved it aside first
+        except OSError as exc:
+            raise BadDataError(
+                f"the cached conversion {target} is unusable ({problem}) and cannot be moved aside ({exc.strerror or exc}); "
+                "delete it and rerun"
+            ) from None
+        shutil.rmtree(aside, ignore_errors=True)
+    elif target.exists():
+        raise BadDataError(f"the cache entry {target} is not a directory; delete it and rerun")
+    _convert_gguf(gguf, target)
     return target, sha
+
+
+def check_model_source(model: str | None) -> Path | None:
+    """Check what ``--model`` names before anything is loaded; return its GGUF file, if it is one.
+
+    Raises:
+        BadDataError: a path that does not exist (a value that can only be a
+            path: see :func:`looks_like_path`), a file that is not a GGUF, a
+            directory without config, weights or tokenizer, or with a corrupt
+            one (:func:`checkpoint_problem`).
+    """
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        if looks_like_path(model):
+            raise BadDataError(
+                f"`--model` {model}: no such file or directory; pass an existing .gguf file or from_pretrained "
+                "directory, or a Hub id (`owner/name`)"
+            )
+        return None  # a Hub id
+    gguf = find_gguf(model)
+    if gguf is not None:
+        problem = _gguf_magic_problem(gguf)
+        if problem:
+            raise _gguf_error(gguf, problem)
+        return gguf
+    if path.is_file():
+        raise BadDataError(
+            f"`--model` {model} is a file but not a .gguf; pass the directory that holds it with its config.json "
+            "and tokenizer (as written by save_pretrained), or a .gguf file"
+        )
+    if path.is_dir():
+        problem = checkpoint_problem(path)
+        if problem:
+            raise BadDataError(
+                f"`--model` {model}: {problem}; pass a directory written by save_pretrained (model and tokenizer), "
+                "a .gguf file, or a Hub id"
+            )
+    return None
 
 
 def resolve_device(device: str) -> "torch.device":
@@ -227,6 +533,12 @@ def load_model(
     Returns:
         The loaded model; ``decoder`` is the full causal LM when ``with_lm_head``.
     """
+    # Every check on the model source (and the cache) comes before torch, the
+    # GGUF conversion or a download: a wrong path fails in milliseconds.
+    gguf = check_model_source(model)
+    if gguf is not None:
+        check_cache_root()
+
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -238,10 +550,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, dev)
     info: dict[str, Any] = {"revision": revision}
     if model is None:
-        gguf = default_model_path()
         info["model"] = f"embedded:{DEFAULT_MODEL_FILE}"
     else:
-        gguf = find_gguf(model)
         info["model"] = str(Path(model).expanduser().resolve()) if gguf is not None or Path(model).exists() else model
     if gguf is not None:
         source, sha = cached_gguf_checkpoint(gguf)
@@ -264,17 +574,17 @@ def load_model(
         net = cls.from_pretrained(load_from, **kwargs)
     except ImportError as exc:
         if attn_implementation == "flash_attention_2":
-            raise BadFlagError(f"`--attn-implementation flash_attention_2` is not usable here ({exc}); use `sdpa`") from None
+            raise BadFlagError(f"`--attn-implementation flash_attention_2` is not usable here ({_one_line(exc)}); use `sdpa`") from None
         raise
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
             raise BadFlagError(
                 f"{model} needs custom code from its repository; review it, then pass `--trust-remote-code`"
             ) from None
-        raise BadDataError(f"cannot load model {model}: {exc}") from None
+        raise BadDataError(f"cannot load model {model}: {_one_line(exc)}") from None
     except OSError as exc:
         raise BadDataError(
-            f"cannot load model {model!r}: {exc}. `--model` takes a Hub id, a local directory, or a .gguf file"
+            f"cannot load model {model!r}: {_one_line(exc)}. `--model` takes a Hub id, a local directory, or a .gguf file"
         ) from None
     if not device_map:
         net.to(dev)

@@ -160,6 +160,8 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
         "input": meta.get("input"),
         "input_format": meta.get("input_format"),
         "token_layout": meta.get("token_layout"),
+        "special_token_rows": int(meta.get("special_token_rows") or 0),
+        "on_special_tokens": meta.get("on_special_tokens"),
         "rows": int(len(loaded.ok)),
         "scored": int(loaded.ok.sum()),
         "counts": dict(sorted(loaded.counts.items(), key=lambda kv: (kv[0] != "ok", kv[0]))),
@@ -173,6 +175,16 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
     }
 
 
+def _special_text(summary: dict) -> str:
+    """One sentence on the rows whose text holds the tokenizer's special tokens."""
+    n, mode = summary["special_token_rows"], summary.get("on_special_tokens") or "keep"
+    what = {
+        "drop": "left unscored (status special_tokens)",
+        "flag": "scored, marked in the special_tokens column",
+    }.get(mode, "scored with those strings as control tokens")
+    return f"special tokens: {n} rows hold the tokenizer's special-token text (e.g. <|im_end|>); {what}"
+
+
 def _keep_key(keep: float) -> str:
     return f"{keep:g}"
 
@@ -182,6 +194,8 @@ def terminal_summary(summary: dict) -> list[str]:
     counts = summary["counts"]
     others = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok")
     lines = [f"rows: {summary['rows']}, scored ok: {summary['scored']}" + (f" (not scored: {others})" if others else "")]
+    if summary.get("special_token_rows"):
+        lines.append(_special_text(summary))
     for measure in MEASURES.names():
         stats = summary["measures"].get(measure)
         if stats and stats.get("count"):
@@ -493,6 +507,7 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
         '<p class="note">Higher CHES / LN-CHES = more risk that DPO on the pair lowers the likelihood of the '
         "preferred response (likelihood displacement). Pruning keeps the lowest-scoring pairs.</p>",
         "<h2>Rows by status</h2>", _table(["status", "rows"], count_rows),
+        f'<p class="note">{_esc(_special_text(summary))}</p>' if summary.get("special_token_rows") else "",
         "<h2>Distribution</h2>", f'<img alt="histogram of LN-CHES and CHES" src="{img["histogram.png"]}">',
         "<h2>Score against response length</h2>",
         f'<p class="note">Spearman correlations over scored pairs: {corr or "n/a"}.</p>',

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from . import __version__
+from .batching import SpecialRows
 from .config import ScoreConfig
 from .errors import BadDataError
 from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, detect_layout, normalize_row, required_columns, used_columns
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 #: Statuses the scorer adds to the per-row ones of :mod:`formats`.
-SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite")
+SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite", "special_tokens")
 #: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
 #: every measure column is float64.
 TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
@@ -179,14 +180,15 @@ class _Prepared:
     start: int
     statuses: list[str]
     encoded: list[Any]  # EncodedPair or None
+    special: list[bool] = dataclasses.field(default_factory=list)  # text holds special tokens
 
 
 def _prepare(start: int, chunk: dict, layout: str, columns: Columns, encoder: Any, max_length: int) -> _Prepared:
     names = list(chunk)
     rows = [dict(zip(names, values)) for values in zip(*chunk.values())]
     pairs: list[Pair] = [normalize_row(row, layout, columns) for row in rows]
-    checked = encoder.encode_checked_many(pairs, max_length)
-    return _Prepared(start, [status for status, _ in checked], [enc for _, enc in checked])
+    checked, special = encoder.encode_chunk(pairs, max_length)
+    return _Prepared(start, [status for status, _ in checked], [enc for _, enc in checked], special)
 
 
 def _prefetch(items: Iterable[Any], fn) -> Iterator[Any]:
@@ -255,7 +257,8 @@ class PairScorer:
 
         self.ds, self.layout, self.columns, self.config, self.model = ds, layout, columns, config, model
         self.encoder = PairEncoder(
-            model.tokenizer, use_chat_template=not config.no_chat_template, layout=config.layout, input_format=layout
+            model.tokenizer, use_chat_template=not config.no_chat_template, layout=config.layout, input_format=layout,
+            on_special_tokens=config.on_special_tokens,
         )
         if not self.encoder.use_chat_template and LAYOUTS.get(layout).conversational:
             why = "`--no-chat-template` was given" if config.no_chat_template else "the model's tokenizer has no chat template"
@@ -293,6 +296,8 @@ class PairScorer:
         # The measures asked for (``--measures``), then the token counts and status.
         fields += [pa.field(name, pa.float64()) for name in self.config.measure_list]
         fields += [pa.field(name, getattr(pa, kind)()) for name, kind in TAIL_COLUMNS.items()]
+        if self.config.on_special_tokens == "flag":
+            fields.append(pa.field("special_tokens", pa.bool_()))
         return pa.schema(fields)
 
     def metadata(self, *, data: Any, fingerprint: str, counts: dict[str, int]) -> dict:
@@ -310,6 +315,7 @@ class PairScorer:
             "input_fingerprint": fingerprint,
             "num_rows": self.num_rows,
             "max_length": self.max_length,
+            "on_special_tokens": self.config.on_special_tokens,
             "counts": dict(sorted(counts.items())),
         }
 
@@ -351,6 +357,7 @@ class PairScorer:
         layout, columns, encoder, max_length = self.layout, self.columns, self.encoder, self.max_length
         pending_ranges = [(int(a), int(b)) for a, b in ranges if b > a]
         batches: list[Any] = []
+        special = SpecialRows()  # rows of the current range whose text holds special tokens
 
         def prepare(start: int, chunk: dict) -> tuple[_Prepared, dict]:
             return _prepare(start, chunk, layout, columns, encoder, max_length), chunk
@@ -358,13 +365,15 @@ class PairScorer:
         range_index = 0
         for prepared, chunk in _prefetch(self._chunks(pending_ranges, view), prepare):
             batches.append(self._score_chunk(prepared, chunk, on_rows))
+            special.add_rows(prepared.start, prepared.special)
             rows = len(prepared.statuses)
             if on_chunk is not None:
                 on_chunk(prepared.start, chunk, rows)
             first, stop = pending_ranges[range_index]
             if prepared.start + rows == stop:
-                yield first, stop, pa.Table.from_batches(batches, schema=self.schema)
-                batches = []
+                table = pa.Table.from_batches(batches, schema=self.schema).replace_schema_metadata(special.metadata())
+                yield first, stop, table
+                batches, special = [], SpecialRows()
                 range_index += 1
         if range_index != len(pending_ranges):  # a chunk reader that returned short would land here
             raise RuntimeError(f"rows {pending_ranges[range_index]} were not scored")
@@ -416,6 +425,7 @@ class PairScorer:
             "chosen_tokens": [len(e.chosen) if e else None for e in encoded],
             "rejected_tokens": [len(e.rejected) if e else None for e in encoded],
             "status": prepared.statuses,
+            "special_tokens": prepared.special,
         }
         if self.columns.id:
             out[self.columns.id] = chunk[self.columns.id]

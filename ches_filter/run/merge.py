@@ -55,6 +55,7 @@ def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tupl
     """The manifest's metadata (with counts), the parts in row order, and the output schema."""
     import pyarrow as pa
 
+    from ..batching import SpecialRows
     from ..io import METADATA_KEY
     from ..scoring import merge_counts, status_counts
 
@@ -73,9 +74,14 @@ def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tupl
     if input_name is not None:
         metadata["input"] = input_name
     counts: dict[str, int] = {}
+    special = SpecialRows()
     for _, path in ordered:  # first pass: the counts go into the footer's metadata
-        merge_counts(counts, status_counts(_read(path, ["status"]).column("status")))
+        status = _read(path, ["status"])
+        merge_counts(counts, status_counts(status.column("status")))
+        special.add(SpecialRows.from_metadata(status.schema.metadata))
     metadata["counts"] = counts
+    metadata["special_token_rows"] = special.count
+    special.log(metadata.get("on_special_tokens"))
     schema = _read(ordered[0][1]).schema.remove_metadata()
     schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
     assert isinstance(schema, pa.Schema)
