@@ -108,6 +108,14 @@ def _split(kwargs: dict, cls: type) -> tuple[Any, dict]:
     return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items() if k not in names}
 
 
+def _explicit(ctx: click.Context, cls: type) -> list[str]:
+    """The ``cls`` fields whose option the user gave (not left at its default)."""
+    from click.core import ParameterSource
+
+    defaults = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    return [name for name in cls.__dataclass_fields__ if ctx.get_parameter_source(name) not in defaults]
+
+
 def _build(cls: type, kwargs: dict) -> tuple[Any, dict]:
     try:
         return _split(kwargs, cls)
@@ -161,12 +169,17 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     rank = torchrun_rank()
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .distributed import score_to_file
-    from .io import output_kind
+    from .distributed import default_work_dir, score_to_file
+    from .io import check_paths, output_kind
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
+    # Whether an existing OUTPUT/work dir may be reused is decided by the resume logic; clashes are refused here.
+    check_paths(
+        {"--output": output, "--work-dir": job.work_dir or default_work_dir(output)}, {"INPUT": input},
+        overwrite=True,
+    )
     summary = score_to_file(input, output, config, job, overwrite=overwrite)
     if rank != 0:
         return
@@ -194,11 +207,13 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
     """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
     _setup_logging(quiet, verbose)
     from .distributed import merge_work_dir
-    from .io import output_kind
+    from .io import check_paths, output_kind
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
+    # WORK_DIR is deleted after the merge: an output inside it would go with it.
+    check_paths({"--output": output}, {"WORK_DIR": work_dir}, overwrite=overwrite)
     counts = merge_work_dir(work_dir, output, overwrite=overwrite, keep_work_dir=keep_work_dir)
     _echo_counts(counts, sum(counts.values()), output)
 
@@ -222,19 +237,23 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     prune_config, rest = _build(PruneConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
-    from .io import check_output_path, output_kind, write_dataset
-    from .select import prune_pairs
+    from .io import check_paths, output_kind, write_datasets
+    from .select import check_score_settings, prune_pairs
 
-    inputs = [input] + ([scores] if scores else [])
-    for path in [output] + ([rejects] if rejects else []):
-        output_kind(path)
-        check_output_path(path, inputs=inputs, overwrite=overwrite)
-    if rejects is not None and rejects == output:
-        raise click.BadParameter("`--rejects` must differ from `--output`", param_hint="'--rejects'")
+    output_kind(output, "--output")
+    if rejects is not None:
+        output_kind(rejects, "--rejects")
+    # Every clash is refused before anything is read or written.
+    check_paths({"--output": output, "--rejects": rejects}, {"INPUT": input, "--scores": scores}, overwrite=overwrite)
+    if scores is not None:
+        ctx = click.get_current_context()
+        check_score_settings(scores, config, _explicit(ctx, ScoreConfig))
     result = prune_pairs(input, prune_config, scores=scores, score_config=config)
-    write_dataset(result.kept, output, overwrite=overwrite)
-    if rejects:
-        write_dataset(result.rejects, rejects, overwrite=overwrite)
+    # Both files or neither: a refused value in the rejects leaves the kept file unwritten too.
+    write_datasets(
+        [("--output", result.kept, output)] + ([("--rejects", result.rejects, rejects)] if rejects else []),
+        overwrite=overwrite,
+    )
     summary = result.summary()
     by = prune_config.by
     threshold = summary["threshold"]
@@ -303,14 +322,14 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     probe_config, rest = _build(DisplacementConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
-    from .io import check_output_path, write_table
+    from .io import check_paths, write_table
     from .displacement import format_summary, measure_displacement
     from .scoring import table_metadata
 
     if output is not None:
         if not output.endswith(".parquet"):
             raise click.BadParameter(f"the result file must end in .parquet, got {output!r}", param_hint="'--output'")
-        check_output_path(output, inputs=[input], overwrite=overwrite)
+        check_paths({"--output": output}, {"INPUT": input}, overwrite=overwrite)
     table = measure_displacement(input, probe_config, config)
     meta = table_metadata(table)
     if output is not None:
