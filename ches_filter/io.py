@@ -709,22 +709,8 @@ def check_paths(
     outs = _named(outputs)
     ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
     may_exist = set(may_exist)
-    for i, (name, path) in enumerate(outs):
-        for other_name, other in outs[:i]:
-            clash = _clash(path, other)
-            if clash == "same":
-                raise BadFlagError(
-                    f"{_flag(other_name)}{other} and {_flag(name)}{path} are the same file{_how(path, other)}; "
-                    f"give {_flag(name) or 'them '}a different path so one result does not overwrite the other."
-                )
-            if clash:
-                inner, outer = (name, path), (other_name, other)
-                if clash == "holds":
-                    inner, outer = outer, inner
-                raise BadFlagError(
-                    f"{_flag(inner[0])}{inner[1]} lies inside {_flag(outer[0])}{outer[1]}; writing one would "
-                    f"change the other, so give {_flag(name) or 'them '}a path outside it."
-                )
+    # Inputs first: clobbering what is read is the worse outcome, so name it even when outputs clash too.
+    for name, path in outs:
         for in_name, source in ins:
             clash = _clash(path, source)
             what = f"the input {_flag(in_name)}{source}"
@@ -743,6 +729,22 @@ def check_paths(
                 raise BadFlagError(
                     f"{_flag(name)}{path} is a directory that contains {what}; choose a different "
                     f"{_flag(name) or 'output'}."
+                )
+    for i, (name, path) in enumerate(outs):
+        for other_name, other in outs[:i]:
+            clash = _clash(path, other)
+            if clash == "same":
+                raise BadFlagError(
+                    f"{_flag(other_name)}{other} and {_flag(name)}{path} are the same file{_how(path, other)}; "
+                    f"give {_flag(name) or 'them '}a different path so one result does not overwrite the other."
+                )
+            if clash:
+                inner, outer = (name, path), (other_name, other)
+                if clash == "holds":
+                    inner, outer = outer, inner
+                raise BadFlagError(
+                    f"{_flag(inner[0])}{inner[1]} lies inside {_flag(outer[0])}{outer[1]}; writing one would "
+                    f"change the other, so give {_flag(name) or 'them '}a path outside it."
                 )
     for name, path in outs:
         if name not in may_exist and os.path.lexists(path) and not overwrite:
