@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -155,7 +156,7 @@ def _echo_counts(counts: dict, rows: int, output: str) -> None:
 def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
     """Score every pair of INPUT; write one row per input row to OUTPUT.
 
-    INPUT is a .jsonl/.json/.jsonl.gz/.parquet/.csv file, a parquet directory or glob,
+    INPUT is a .jsonl/.json/.jsonl.gz/.parquet/.csv file, a directory of such files (one kind) or a glob,
     a save_to_disk directory, or a Hub dataset id.
 
     Resumable: parts go to OUTPUT.parts/ as they finish; rerun the same
@@ -212,8 +213,10 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
-    # WORK_DIR is deleted after the merge: an output inside it would go with it.
-    check_paths({"--output": output}, {"WORK_DIR": work_dir}, overwrite=overwrite)
+    # WORK_DIR is deleted after the merge: an output inside it would go with it. (A directory that
+    # is no work dir at all is refused by merge_work_dir first, saying so.)
+    if os.path.isfile(os.path.join(work_dir, "manifest.json")):
+        check_paths({"--output": output}, {"WORK_DIR": work_dir}, overwrite=overwrite)
     counts = merge_work_dir(work_dir, output, overwrite=overwrite, keep_work_dir=keep_work_dir)
     _echo_counts(counts, sum(counts.values()), output)
 

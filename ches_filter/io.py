@@ -39,7 +39,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _INPUT_SUFFIXES = _JSON_SUFFIXES + (".parquet", ".csv")
 _INPUT_HELP = (
     "`.jsonl`, `.json`, `.jsonl.gz`, `.json.gz`, `.parquet`, `.csv`, a directory of "
-    "`.parquet` files, a glob such as `data/*.parquet`, a `save_to_disk` directory, "
+    "such files (one kind), a glob such as `data/*.parquet`, a `save_to_disk` directory, "
     "or a Hub dataset id `owner/name`"
 )
 _OUTPUT_HELP = (
@@ -67,7 +67,9 @@ def read_dataset(
 
     Args:
         source: A `.jsonl`/`.json` (optionally `.gz`), `.parquet` or `.csv`
-            file; a directory of parquet files; a glob; a directory written by
+            file; a directory of such files, all of one kind (any other
+            file in it is refused, never skipped, except hidden files and
+            README/LICENSE/``.md``); a glob; a directory written by
             ``save_to_disk``; or a Hub id ``owner/name`` when no such local
             path exists.
         split: Split to take from a ``DatasetDict`` directory or Hub dataset.

@@ -234,6 +234,7 @@ def test_displacement_merge_and_report_refuse_aliases(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pq.write_table(pa.Table.from_pylist(PAIRS), tmp_path / "in.parquet")
     (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "manifest.json").write_text("{}")
     shutil.copy(GOLDEN, tmp_path / "s.parquet")
     before = snapshot(tmp_path)
     result = invoke("displacement", "in.parquet", "-o", f"{tmp_path}/./in.parquet", "--model", "no/such-model")
