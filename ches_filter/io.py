@@ -963,13 +963,13 @@ _JSON_SCALARS = ("is_null", "is_boolean", "is_integer", "is_floating", "is_strin
 
 def _json_unfit(arrow_type: Any) -> str | None:
     """The first part of ``arrow_type`` that JSON cannot hold exactly, or None."""
-    import pyarrow as pa
     import pyarrow.types as pat
 
-    if isinstance(arrow_type, pa.ExtensionType):
+    extension = getattr(arrow_type, "extension_name", None)
+    if extension is not None:
         # datasets stores objects whose keys differ between rows as JSON text
-        # (its ``Json`` feature) and decodes them back when rows are read.
-        return None if arrow_type.extension_name == "arrow.json" else str(arrow_type)
+        # (its ``Json`` feature, Arrow's ``arrow.json``) and decodes them back when rows are read.
+        return None if extension == "arrow.json" else str(arrow_type)
     if pat.is_dictionary(arrow_type):
         return _json_unfit(arrow_type.value_type)
     if any(getattr(pat, check)(arrow_type) for check in _JSON_SCALARS) or (

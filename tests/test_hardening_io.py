@@ -7,6 +7,7 @@ a model.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
@@ -144,16 +145,17 @@ def test_rejects_aliasing_output_is_refused_before_writing(pruneable, spelling, 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
 @pytest.mark.parametrize("spelling", SPELLINGS)
 @pytest.mark.parametrize("flag", ["--rejects", "--output"])
-def test_an_output_aliasing_the_input_names_its_own_flag(pruneable, spelling, flag):
+def test_an_output_aliasing_the_input_names_its_own_flag(pruneable, spelling, flag, overwrite):
     tmp_path = pruneable
     alias = _alias(tmp_path, spelling, "in.jsonl")
     outputs = {"--output": "out1.jsonl", "--rejects": "rej.jsonl"}
     outputs[flag] = alias
     before = snapshot(tmp_path)
     result = invoke("prune", "in.jsonl", "--keep", "0.5", "--scores", "s.parquet", "-o", outputs["--output"],
-                    "--rejects", outputs["--rejects"], "--overwrite")
+                    "--rejects", outputs["--rejects"], *(["--overwrite"] if overwrite else []))
     assert result.exit_code == 2, result.output
     other = "--output" if flag == "--rejects" else "--rejects"
     assert f"`{flag}`" in result.output and "`INPUT`" in result.output and f"`{other}`" not in result.output
@@ -351,11 +353,13 @@ def test_parquet_input_to_jsonl_keeps_types_and_scores_exact(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("value, why", [
-    (float("nan"), "NaN"), (float("inf"), "Infinity"), (b"\x00\x01", "binary"),
+    (float("nan"), "value"), (float("-inf"), "value"), (b"\x00\x01", "type"),
+    (datetime.datetime(2020, 1, 2), "type"),
 ])
 def test_values_json_cannot_hold_are_refused_and_nothing_written(tmp_path, monkeypatch, value, why):
     monkeypatch.chdir(tmp_path)
-    rows = [dict(p, odd=value if i == 4 else type(value)()) for i, p in enumerate(PAIRS)]
+    filler = datetime.datetime(2000, 1, 1) if isinstance(value, datetime.datetime) else type(value)()
+    rows = [dict(p, odd=value if i == 4 else filler) for i, p in enumerate(PAIRS)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
     make_scores(tmp_path / "in.parquet", tmp_path / "s.parquet")
     before = snapshot(tmp_path)
@@ -363,8 +367,8 @@ def test_values_json_cannot_hold_are_refused_and_nothing_written(tmp_path, monke
     result = invoke("prune", "in.parquet", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.jsonl",
                     "--rejects", "rej.jsonl")
     assert result.exit_code == 1 and "column `odd`" in result.output, result.output
-    # binary is refused by its column type (the kept file has it too), NaN/inf by the rejected row's value
-    assert ("`--output`" if why == "binary" else "`--rejects` rej.jsonl") in result.output
+    # binary/timestamp are refused by column type (the kept file has it too), NaN/inf by the rejected row's value
+    assert ("`--output`" if why == "type" else "`--rejects` rej.jsonl") in result.output
     assert "Traceback" not in result.output
     assert snapshot(tmp_path) == before
     # Parquet holds them: the same prune with parquet outputs succeeds.
@@ -389,6 +393,13 @@ def test_integers_the_loader_would_change_are_refused_with_column_and_line(tmp_p
     result = invoke("prune", path, "--keep", "0.5", "-o", tmp_path / "out.jsonl")
     assert result.exit_code == 1 and where.split(":")[0] in result.output, result.output
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_objects_whose_keys_differ_between_rows_round_trip(tmp_path):
+    rows = [dict(PAIRS[0], o={"x": 1}), dict(PAIRS[1], o={"y": [2.5, {"z": None}], "w": "ü"}), dict(PAIRS[2], o=None)]
+    ds = io.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    io.write_dataset(ds, str(tmp_path / "out.jsonl"))
+    assert all(_same(a, b) for a, b in zip(_read_jsonl(tmp_path / "out.jsonl"), rows))
 
 
 def test_json_array_input_refuses_big_integers_too(tmp_path):
