@@ -13,6 +13,7 @@ together), with a message that names the file and says how to fix it.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import gzip
 import json
@@ -711,6 +712,17 @@ def check_paths(
     outs = _named(outputs)
     ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
     may_exist = set(may_exist)
+    for in_name, source in _named(inputs):
+        if not os.path.lexists(source) and _GLOB_CHARS & set(source):
+            for name, path in outs:
+                # fnmatch's `*` also matches `/`: it may refuse a little more than glob would read, never less.
+                if fnmatch.fnmatchcase(os.path.abspath(path), os.path.abspath(source)) or fnmatch.fnmatchcase(
+                    os.path.realpath(path), os.path.realpath(os.path.dirname(source)) + os.sep + os.path.basename(source)
+                ):
+                    raise BadFlagError(
+                        f"{_flag(name)}{path} matches the input pattern {_flag(in_name)}{source}, so the next run "
+                        f"would read it as input; choose {_flag(name) or 'an output '}that the pattern does not match."
+                    )
     # Inputs first: clobbering what is read is the worse outcome, so name it even when outputs clash too.
     for name, path in outs:
         for in_name, source in ins:

@@ -204,6 +204,22 @@ def test_output_inside_an_input_directory_or_around_the_input(tmp_path, monkeypa
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("flag", ["-o", "--rejects"])
+def test_an_output_matching_the_input_glob_is_refused(tmp_path, monkeypatch, flag):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    write_jsonl(tmp_path / "d" / "a.jsonl", PAIRS)
+    make_scores("d/*.jsonl", tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    args = {"-o": "out.jsonl", "--rejects": "rej.jsonl"}
+    args[flag] = "./d/new.jsonl"
+    result = invoke("prune", "d/*.jsonl", "--keep", "0.5", "--scores", "s.parquet", *sum(args.items(), ()))
+    assert result.exit_code == 2 and "matches the input pattern" in result.output, result.output
+    assert snapshot(tmp_path) == before
+    args[flag] = "d/new.parquet"  # outside the pattern: fine
+    assert invoke("prune", "d/*.jsonl", "--keep", "0.5", "--scores", "s.parquet", *sum(args.items(), ())).exit_code == 0
+
+
 def test_distinct_outputs_still_work_and_overwrite_only_their_own_files(pruneable):
     tmp_path = pruneable
     args = ["prune", "in.jsonl", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.jsonl", "--rejects", "rej.jsonl"]
