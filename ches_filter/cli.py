@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -124,6 +125,14 @@ def _split(kwargs: dict, cls: type) -> tuple[Any, dict]:
     return cls(**{k: v for k, v in kwargs.items() if k in names}), {k: v for k, v in kwargs.items() if k not in names}
 
 
+def _explicit(ctx: click.Context, cls: type) -> list[str]:
+    """The ``cls`` fields whose option the user gave (not left at its default)."""
+    from click.core import ParameterSource
+
+    defaults = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+    return [name for name in cls.__dataclass_fields__ if ctx.get_parameter_source(name) not in defaults]
+
+
 def _build(cls: type, kwargs: dict) -> tuple[Any, dict]:
     try:
         return _split(kwargs, cls)
@@ -188,7 +197,7 @@ def job_options(fn: Callable) -> Callable:
 def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
     """Score every pair of INPUT; write one row per input row to OUTPUT.
 
-    INPUT is a .jsonl/.json/.jsonl.gz/.parquet/.csv file, a parquet directory or glob,
+    INPUT is a .jsonl/.json/.jsonl.gz/.parquet/.csv file, a directory of such files (one kind) or a glob,
     a save_to_disk directory, or a Hub dataset id.
 
     Resumable: parts go to OUTPUT.parts/ as they finish; rerun the same
@@ -203,12 +212,17 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
     _check_model_early(config)
-    from .io import output_kind
-    from .run import score_to_file
+    from .io import check_paths, output_kind
+    from .run import default_work_dir, score_to_file
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
+    # Whether an existing OUTPUT/work dir may be reused is decided by the resume logic; clashes are refused here.
+    check_paths(
+        {"--output": output, "--work-dir": job.work_dir or default_work_dir(output)}, {"INPUT": input},
+        overwrite=True,
+    )
     summary = score_to_file(input, output, config, job, overwrite=overwrite)
     if rank != 0:
         return
@@ -235,12 +249,16 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
 def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quiet: bool, verbose: bool) -> None:
     """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
     _setup_logging(quiet, verbose)
+    from .io import check_paths, output_kind
     from .run import merge_work_dir
-    from .io import output_kind
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
     output_kind(output)
+    # WORK_DIR is deleted after the merge: an output inside it would go with it. (A directory that
+    # is no work dir at all is refused by merge_work_dir first, saying so.)
+    if os.path.isfile(os.path.join(work_dir, "manifest.json")):
+        check_paths({"--output": output}, {"WORK_DIR": work_dir}, overwrite=overwrite)
     counts = merge_work_dir(work_dir, output, overwrite=overwrite, keep_work_dir=keep_work_dir)
     _echo_counts(counts, sum(counts.values()), output)
 
@@ -273,25 +291,32 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .io import check_output_path, output_kind, write_dataset
-    from .select import prune_pairs
+    from .io import check_paths, output_kind, write_datasets
+    from .run import default_work_dir
+    from .select import check_score_settings, prune_pairs
 
     if scores is not None and job.work_dir is not None:
         raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")
-    if scores is None:
+    output_kind(output, "--output")
+    if rejects is not None:
+        output_kind(rejects, "--rejects")
+    # Every clash is refused before anything is read or written.
+    work_dir = None if scores is not None else (job.work_dir or default_work_dir(output))
+    check_paths({"--output": output, "--rejects": rejects, "--work-dir": work_dir}, {"INPUT": input, "--scores": scores},
+                overwrite=overwrite, may_exist=("--work-dir",))
+    if scores is not None:
+        ctx = click.get_current_context()
+        check_score_settings(scores, config, _explicit(ctx, ScoreConfig))
+    else:
         _check_model_early(config)
-    inputs = [input] + ([scores] if scores else [])
-    for path in [output] + ([rejects] if rejects else []):
-        output_kind(path)
-        check_output_path(path, inputs=inputs, overwrite=overwrite)
-    if rejects is not None and rejects == output:
-        raise click.BadParameter("`--rejects` must differ from `--output`", param_hint="'--rejects'")
     result = prune_pairs(input, prune_config, scores=scores, score_config=config, job=job, output=output)
     if result is None:  # a torchrun rank other than 0: rank 0 writes
         return
-    write_dataset(result.kept, output, overwrite=overwrite)
-    if rejects:
-        write_dataset(result.rejects, rejects, overwrite=overwrite)
+    # Both files or neither: a refused value in the rejects leaves the kept file unwritten too.
+    write_datasets(
+        [("--output", result.kept, output)] + ([("--rejects", result.rejects, rejects)] if rejects else []),
+        overwrite=overwrite,
+    )
     if result.work is not None and not job.keep_work_dir:
         result.work.remove()
     summary = result.summary()
@@ -363,7 +388,7 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     probe_config, rest = _build(DisplacementConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
-    from .io import check_output_path, write_table
+    from .io import check_paths, write_table
     from .displacement import format_summary, measure_displacement
     from .scoring import table_metadata
 
@@ -371,7 +396,7 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     if output is not None:
         if not output.endswith(".parquet"):
             raise click.BadParameter(f"the result file must end in .parquet, got {output!r}", param_hint="'--output'")
-        check_output_path(output, inputs=[input], overwrite=overwrite)
+        check_paths({"--output": output}, {"INPUT": input}, overwrite=overwrite)
     table = measure_displacement(input, probe_config, config)
     meta = table_metadata(table)
     if output is not None:

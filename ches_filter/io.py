@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import glob
 import gzip
 import json
@@ -23,7 +24,7 @@ import re
 import shutil
 import socket
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadDataError, BadFlagError, ChesFilterError
@@ -41,7 +42,7 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 _INPUT_SUFFIXES = _JSON_SUFFIXES + (".parquet", ".csv")
 _INPUT_HELP = (
     "`.jsonl`, `.json`, `.jsonl.gz`, `.json.gz`, `.parquet`, `.csv`, a directory of "
-    "`.parquet` files, a glob such as `data/*.parquet`, a `save_to_disk` directory, "
+    "such files (one kind), a glob such as `data/*.parquet`, a `save_to_disk` directory, "
     "or a Hub dataset id `owner/name`"
 )
 _OUTPUT_HELP = (
@@ -69,7 +70,9 @@ def read_dataset(
 
     Args:
         source: A `.jsonl`/`.json` (optionally `.gz`), `.parquet` or `.csv`
-            file; a directory of parquet files; a glob; a directory written by
+            file; a directory of such files, all of one kind (any other
+            file in it is refused, never skipped, except hidden files and
+            README/LICENSE/``.md``); a glob; a directory written by
             ``save_to_disk``; or a Hub id ``owner/name`` when no such local
             path exists.
         split: Split to take from a ``DatasetDict`` directory or Hub dataset.
@@ -163,19 +166,69 @@ def _read_directory(
             _reject_split_subset(path, None, subset)
         return _read_saved(path, split=split)
     _reject_split_subset(path, split, subset)
-    # `**` skips dot-files, which also keeps our own `.name.tmp-PID` litter out.
-    files = sorted(
-        p
-        for p in glob.glob(os.path.join(glob.escape(path), "**", "*.parquet"), recursive=True)
-        if os.path.isfile(p)
-    )
-    if not files:
+    by_kind, unread = _directory_files(path)
+    if unread:
+        shown = ", ".join(unread[:5]) + (f" and {len(unread) - 5} more" if len(unread) > 5 else "")
         raise BadDataError(
-            f"{path} is neither a `save_to_disk` directory nor a directory of "
-            f"`.parquet` files; pass a file, a glob such as `{os.path.join(path, '*.jsonl')}`, "
-            "or such a directory."
+            f"{path} holds files ches-filter does not read ({shown}); rather than skip them, it reads a "
+            "directory only when every file in it is a data file of one kind (`.jsonl`, `.json`, `.jsonl.gz`, "
+            "`.json.gz`, `.parquet` or `.csv`; hidden files and README/LICENSE/`.md` files are ignored): "
+            f"move the others out, or pass a glob such as `{os.path.join(path, '*.parquet')}` that names the files to read."
         )
-    return _read_files(path, files, "parquet")
+    if len(by_kind) > 1:
+        shown = "; ".join(
+            f"{kind}: " + ", ".join(os.path.relpath(f, path) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+            for kind, files in sorted(by_kind.items())
+        )
+        raise BadDataError(
+            f"{path} holds data files of several kinds ({shown}); ches-filter reads one kind per directory "
+            "rather than skip the rest: pass a glob such as "
+            f"`{os.path.join(path, '*.' + sorted(by_kind)[0].replace('json', 'jsonl'))}` to choose one kind, "
+            "or convert the files to one kind."
+        )
+    if not by_kind:
+        raise BadDataError(
+            f"{path} is neither a `save_to_disk` directory nor a directory of data files "
+            f"(`.jsonl`, `.json`, `.parquet`, `.csv`); pass a file, a glob such as "
+            f"`{os.path.join(path, '*.jsonl')}`, or such a directory."
+        )
+    ((kind, files),) = by_kind.items()
+    return _read_files(path, files, kind)
+
+
+#: Files a data directory may hold besides its data: documentation, never rows.
+_DOC_FILE = re.compile(r"^(readme|license|licence|copying|notice|citation)(\.[\w.]*)?$|\.md$", re.IGNORECASE)
+
+
+def _directory_files(path: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Data files of ``path`` (recursively) by loader kind, and the other files (relative paths).
+
+    Hidden files and directories (a leading dot: ``.DS_Store``, ``.git``, our
+    own ``.name.tmp-PID`` litter) and documentation (README, LICENSE, ``*.md``)
+    are left out; every other file is either read or reported, never skipped.
+    """
+    by_kind: dict[str, list[str]] = {}
+    unread: list[str] = []
+    seen: set[str] = set()
+    for root, dirs, names in os.walk(path, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symbolic link loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            if name.startswith("."):
+                continue
+            full = os.path.join(root, name)
+            try:
+                kind = _file_kind(full)
+            except BadDataError:
+                if not _DOC_FILE.search(name):  # a README.jsonl is data, a README.txt is not
+                    unread.append(os.path.relpath(full, path))
+                continue
+            by_kind.setdefault(kind, []).append(full)
+    return {kind: sorted(files) for kind, files in by_kind.items()}, sorted(unread)
 
 
 def _read_saved(path: str, *, split: str | None) -> "datasets.Dataset":
@@ -322,6 +375,78 @@ def _parquet_row_count(path: str) -> int:
     return rows
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EXACT_FLOAT_INT = 2**53  # every integer up to this magnitude is exactly a float64
+
+
+class _Numbers:
+    """Finds JSON numbers that the Arrow-backed loader would not keep exactly.
+
+    Arrow stores an integer column as int64 and a column mixing integers and
+    fractions as float64. An integer beyond int64 would become a float, and
+    an integer beyond 2**53 in a column that also holds fractions would be
+    rounded; both would come out changed in a JSON lines output, so they are
+    refused here, naming the column and line. Only lines holding a fraction
+    or a large integer are walked (the parse hooks flag them).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.line_float = self.line_big = False
+        self.float_paths: set[tuple] = set()
+        self.big_ints: dict[tuple, tuple[str, int]] = {}
+
+    def _int(self, text: str) -> int:
+        value = int(text)
+        if not -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT:
+            self.line_big = True
+        return value
+
+    def _float(self, text: str) -> float:
+        self.line_float = True
+        return float(text)
+
+    def loads(self, text: str, **kwargs: Any) -> Any:
+        self.line_float = self.line_big = False
+        return json.loads(text, parse_int=self._int, parse_float=self._float, **kwargs)
+
+    def check(self, record: Any, where: str) -> None:
+        if not (self.line_float or self.line_big):
+            return
+        for key, value in _walk_numbers(record, ()):
+            if isinstance(value, float):
+                self.float_paths.add(key)
+            elif not _INT64_MIN <= value <= _INT64_MAX:
+                raise BadDataError(
+                    f"{self.path} {where}: column `{key[0]}` holds the integer {value}, beyond the 64-bit range "
+                    "the loader stores, so it would be changed; store it as a string (in quotes) to keep it exact."
+                )
+            elif not -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT:
+                self.big_ints.setdefault(key, (where, value))
+
+    def finish(self) -> None:
+        for key, (where, value) in self.big_ints.items():
+            if key in self.float_paths:
+                raise BadDataError(
+                    f"{self.path} {where}: column `{key[0]}` mixes integers and fractions, so it is read as "
+                    f"floats, and the integer {value} is too large to be a float exactly; store it as a string "
+                    "(in quotes) to keep it exact."
+                )
+
+
+def _walk_numbers(value: Any, key: tuple) -> Iterator[tuple[tuple, Any]]:
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield key, value
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            yield from _walk_numbers(item, key + (name,))
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk_numbers(item, key + ("[]",))
+
+
 class _ColumnTypes:
     """Remembers the JSON type of each top-level key to report mixed columns."""
 
@@ -397,6 +522,7 @@ def _validate_json_file(path: str) -> None:
 
 def _validate_json_lines(path: str) -> None:
     columns = _ColumnTypes(path)
+    numbers = _Numbers(path)
     rows = 0
     line_no = 0
     try:
@@ -413,7 +539,7 @@ def _validate_json_lines(path: str) -> None:
                         "file as UTF-8."
                     ) from exc
                 try:
-                    record = json.loads(text)
+                    record = numbers.loads(text)
                 except json.JSONDecodeError as exc:
                     raise BadDataError(
                         f"{path} line {line_no} is not valid JSON: {exc.msg} (column "
@@ -427,6 +553,7 @@ def _validate_json_lines(path: str) -> None:
                         'such as {"chosen": ..., "rejected": ...}.'
                     )
                 columns.check(record, f"line {line_no}")
+                numbers.check(record, f"line {line_no}")
                 rows += 1
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise BadDataError(
@@ -439,6 +566,7 @@ def _validate_json_lines(path: str) -> None:
         raise BadDataError(
             f"{path} holds no rows; it needs at least one JSON object per line."
         )
+    numbers.finish()
 
 
 def _validate_json_array(path: str) -> None:
@@ -455,7 +583,8 @@ def _validate_json_array(path: str) -> None:
             "re-save the file as UTF-8."
         ) from exc
     try:
-        items = json.loads(text, object_pairs_hook=_strict_object)
+        numbers = _Numbers(path)
+        items = numbers.loads(text, object_pairs_hook=_strict_object)
     except json.JSONDecodeError as exc:
         raise BadDataError(
             f"{path} line {exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}); "
@@ -482,6 +611,8 @@ def _validate_json_array(path: str) -> None:
                 "a JSON object is expected; every element must be an object."
             )
         columns.check(item, f"array element {number}")
+        numbers.check(item, f"array element {number}")
+    numbers.finish()
 
 
 def _reason(exc: BaseException) -> str:
@@ -503,7 +634,7 @@ def _reason(exc: BaseException) -> str:
 # --------------------------------------------------------------------------
 
 
-def output_kind(path: str) -> str:
+def output_kind(path: str, flag: str = "--output") -> str:
     """Returns how :func:`write_dataset` would write ``path``.
 
     Returns:
@@ -523,53 +654,152 @@ def output_kind(path: str) -> str:
     if ext == "":
         return "disk"
     raise BadFlagError(
-        f"`--output` {path} has the unsupported extension `{ext}`; use {_OUTPUT_HELP}."
+        f"`{flag}` {path} has the unsupported extension `{ext}`; use {_OUTPUT_HELP}."
     )
 
 
-def check_output_path(output: str, *, inputs: list[str], overwrite: bool) -> None:
-    """Refuses outputs that would clobber an input or an existing file.
+def check_output_path(output: str, *, inputs: list[str], overwrite: bool, flag: str = "--output") -> None:
+    """Refuses one output that would clobber an input or an existing file (see :func:`check_paths`).
 
     Args:
         output: Where results will be written.
         inputs: Input sources (files, directories, globs or Hub ids).
         overwrite: Whether an existing ``output`` may be replaced.
+        flag: The option that named ``output``, for the message.
+    """
+    check_paths({flag: output}, [(None, source) for source in inputs], overwrite=overwrite)
+
+
+def _named(paths: Any) -> list[tuple[str | None, str]]:
+    items = paths.items() if hasattr(paths, "items") else paths
+    return [(name, os.fspath(path)) for name, path in items if path is not None]
+
+
+def _flag(name: str | None) -> str:
+    return f"`{name}` " if name else ""
+
+
+def check_paths(
+    outputs: Any,
+    inputs: Any = (),
+    *,
+    overwrite: bool,
+    may_exist: Iterable[str] = (),
+) -> None:
+    """Refuses, before anything is written, outputs that clash with each other or with an input.
+
+    Every output is compared with every other output and with every input by
+    resolved identity: ``os.path.realpath`` (symbolic links, ``./x``,
+    ``d/../x``, trailing slashes, relative against absolute) and, where both
+    exist, the same device and inode (hard links). A path that lies inside
+    another (a directory output holding the other output or an input, or an
+    output inside an input directory) clashes too, since replacing or adding
+    to the directory would change the other.
+
+    Args:
+        outputs: ``{flag: path}`` (or ``(flag, path)`` pairs) of what will be
+            written, e.g. ``{"--output": ..., "--rejects": ..., "--work-dir": ...}``;
+            ``None`` paths are skipped.
+        inputs: ``{name: source}`` (or pairs; a name may be None) of what is
+            read: files, directories, globs or Hub ids (the latter never clash),
+            e.g. ``{"INPUT": ..., "--scores": ...}``.
+        overwrite: Whether existing outputs may be replaced.
+        may_exist: Output flags whose existing path is expected (a work
+            directory to resume); they skip the "exists" check.
 
     Raises:
-        BadFlagError: ``output`` is an input, lies inside an input directory,
-            contains an input, exists without ``overwrite``, or its parent
-            directory does not exist.
+        BadFlagError: naming both flags of a clash, or the flag of an output
+            that exists without ``overwrite`` or whose directory is missing.
     """
-    output = os.fspath(output)
-    out_real = os.path.realpath(output)
-    out_is_dir = os.path.isdir(out_real)
-    for source in inputs:
-        for local in _local_paths(os.fspath(source)):
-            real = os.path.realpath(local)
-            if real == out_real:
+    outs = _named(outputs)
+    ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
+    may_exist = set(may_exist)
+    for in_name, source in _named(inputs):
+        if not os.path.lexists(source) and _GLOB_CHARS & set(source):
+            for name, path in outs:
+                # fnmatch's `*` also matches `/`: it may refuse a little more than glob would read, never less.
+                if fnmatch.fnmatchcase(os.path.abspath(path), os.path.abspath(source)) or fnmatch.fnmatchcase(
+                    os.path.realpath(path), os.path.realpath(os.path.dirname(source)) + os.sep + os.path.basename(source)
+                ):
+                    raise BadFlagError(
+                        f"{_flag(name)}{path} matches the input pattern {_flag(in_name)}{source}, so the next run "
+                        f"would read it as input; choose {_flag(name) or 'an output '}that the pattern does not match."
+                    )
+    # Inputs first: clobbering what is read is the worse outcome, so name it even when outputs clash too.
+    for name, path in outs:
+        for in_name, source in ins:
+            clash = _clash(path, source)
+            what = f"the input {_flag(in_name)}{source}"
+            if clash == "same":
                 raise BadFlagError(
-                    f"`--output` {output} is the same path as the input {local}; choose "
-                    "a different `--output` so the input is not overwritten."
+                    f"{_flag(name)}{path} is the same path as {what}{_how(path, source)}; choose a different "
+                    f"{_flag(name) or 'output '}so the input is not overwritten."
                 )
-            if os.path.isdir(real) and _is_within(out_real, real):
+            if clash == "inside":
                 raise BadFlagError(
-                    f"`--output` {output} lies inside the input directory {local}; choose "
-                    "an `--output` outside it so the input is not modified."
+                    f"{_flag(name)}{path} lies inside the input directory {_flag(in_name)}{source}; choose "
+                    f"{_flag(name) or 'an output '}outside it so the input is not modified."
                 )
-            if out_is_dir and _is_within(real, out_real):
+            if clash == "holds":
                 # Replacing the output directory would delete the input with it.
                 raise BadFlagError(
-                    f"`--output` {output} is a directory that contains the input {local}; "
-                    "choose a different `--output`."
+                    f"{_flag(name)}{path} is a directory that contains {what}; choose a different "
+                    f"{_flag(name) or 'output'}."
                 )
-    if os.path.lexists(output) and not overwrite:
-        raise BadFlagError(f"{output} exists; pass `--overwrite` to replace it.")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise BadFlagError(
-            f"the directory {parent} for `--output` {output} does not exist; create it "
-            "first or choose another `--output`."
-        )
+    for i, (name, path) in enumerate(outs):
+        for other_name, other in outs[:i]:
+            clash = _clash(path, other)
+            if clash == "same":
+                raise BadFlagError(
+                    f"{_flag(other_name)}{other} and {_flag(name)}{path} are the same file{_how(path, other)}; "
+                    f"give {_flag(name) or 'them '}a different path so one result does not overwrite the other."
+                )
+            if clash:
+                inner, outer = (name, path), (other_name, other)
+                if clash == "holds":
+                    inner, outer = outer, inner
+                raise BadFlagError(
+                    f"{_flag(inner[0])}{inner[1]} lies inside {_flag(outer[0])}{outer[1]}; writing one would "
+                    f"change the other, so give {_flag(name) or 'them '}a path outside it."
+                )
+    for name, path in outs:
+        if name not in may_exist and os.path.lexists(path) and not overwrite:
+            raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise BadFlagError(
+                f"the directory {parent} for {_flag(name)}{path} does not exist; create it "
+                f"first or choose another {_flag(name) or 'output'}."
+            )
+
+
+def _clash(path: str, other: str) -> str | None:
+    """``"same"``, ``"inside"`` (path lies in other), ``"holds"`` (other lies in path) or None."""
+    real, other_real = os.path.realpath(path), os.path.realpath(other)
+    if real == other_real:
+        return "same"
+    try:
+        if os.path.exists(path) and os.path.exists(other) and os.path.samefile(path, other):
+            return "same"  # hard links, bind mounts, case-insensitive file systems
+    except OSError:
+        pass
+    if _is_within(real, other_real):
+        return "inside"
+    if _is_within(other_real, real):
+        return "holds"
+    return None
+
+
+def _how(path: str, other: str) -> str:
+    if os.path.realpath(path) != os.path.realpath(other):
+        return " (hard links to one file)"
+    if os.path.islink(path) or os.path.islink(other) or os.path.realpath(path) != os.path.abspath(path) or (
+        os.path.realpath(other) != os.path.abspath(other)
+    ):
+        return f" (both resolve to {os.path.realpath(path)})"
+    if path != other:
+        return f" (both are {os.path.abspath(path)})"
+    return ""
 
 
 def _local_paths(source: str) -> list[str]:
@@ -735,26 +965,144 @@ def write_dataset(ds: "datasets.Dataset", path: str, *, overwrite: bool = False)
     Raises:
         BadFlagError: Unknown extension, ``path`` exists without
             ``overwrite``, or its parent directory is missing.
+        BadDataError: A value cannot be written to JSON lines exactly.
         ChesFilterError: The file system refused the write.
+    """
+    write_datasets([(None, ds, path)], overwrite=overwrite)
+
+
+def write_datasets(items: Iterable[tuple[str | None, "datasets.Dataset", str]], *, overwrite: bool = False) -> None:
+    """Writes several datasets so that either all of them appear or none does.
+
+    Every dataset is written to its hidden temporary sibling first; only when
+    all were written are they renamed into place. A value that JSON lines
+    cannot hold, a full disk or a permission error therefore leaves every
+    target as it was.
+
+    Args:
+        items: ``(flag, dataset, path)`` triples; ``flag`` (e.g. ``--rejects``)
+            names the path in messages and may be None.
+        overwrite: Whether existing paths may be replaced.
+
+    Raises:
+        The errors of :func:`write_dataset`.
     """
     import datasets
 
-    path = os.fspath(path)
-    kind = output_kind(path)
-    check_output_path(path, inputs=[], overwrite=overwrite)
-    if kind != "disk" and not isinstance(ds, datasets.Dataset):
-        raise TypeError(f"write_dataset can write a {type(ds).__name__} only as a directory")
+    items = [(flag, ds, os.fspath(path)) for flag, ds, path in items]
+    # Outputs are compared with each other too: two spellings of one path must not overwrite each other.
+    check_paths([(flag, path) for flag, _, path in items], overwrite=overwrite)
+    kinds = []
+    for flag, ds, path in items:
+        kind = output_kind(path, flag or "--output")
+        if kind != "disk" and not isinstance(ds, datasets.Dataset):
+            raise TypeError(f"write_dataset can write a {type(ds).__name__} only as a directory")
+        if kind == "jsonl":
+            _check_json_types(ds, flag, path)
+        kinds.append(kind)
     try:
-        with atomic_path(path) as tmp:
-            if kind == "parquet":
-                ds.to_parquet(tmp)
-            elif kind == "jsonl":
-                ds.to_json(tmp, lines=True, force_ascii=False)
-            else:
-                ds.save_to_disk(tmp)
+        with contextlib.ExitStack() as stack:
+            for (flag, ds, path), kind in zip(items, kinds):
+                tmp = stack.enter_context(atomic_path(path))
+                if kind == "parquet":
+                    ds.to_parquet(tmp)
+                elif kind == "jsonl":
+                    _write_jsonl(ds, tmp, flag, path)
+                else:
+                    ds.save_to_disk(tmp)
     except OSError as exc:
-        raise ChesFilterError(f"could not write {path} ({_reason(exc)}).") from exc
-    logger.info("wrote %d rows to %s (%s)", len(ds), path, kind)
+        raise ChesFilterError(f"could not write {' or '.join(p for _, _, p in items)} ({_reason(exc)}).") from exc
+    for (_flag_name, ds, path), kind in zip(items, kinds):
+        logger.info("wrote %d rows to %s (%s)", len(ds), path, kind)
+
+
+#: Arrow type ids whose values JSON holds exactly (besides lists, structs and datasets' Json).
+_JSON_SCALARS = ("is_null", "is_boolean", "is_integer", "is_floating", "is_string", "is_large_string")
+
+
+def _json_unfit(arrow_type: Any) -> str | None:
+    """The first part of ``arrow_type`` that JSON cannot hold exactly, or None."""
+    import pyarrow.types as pat
+
+    extension = getattr(arrow_type, "extension_name", None)
+    if extension is not None:
+        # datasets stores objects whose keys differ between rows as JSON text
+        # (its ``Json`` feature, Arrow's ``arrow.json``) and decodes them back when rows are read.
+        return None if extension == "arrow.json" else str(arrow_type)
+    if pat.is_dictionary(arrow_type):
+        return _json_unfit(arrow_type.value_type)
+    if any(getattr(pat, check)(arrow_type) for check in _JSON_SCALARS) or (
+        hasattr(pat, "is_string_view") and pat.is_string_view(arrow_type)
+    ):
+        return None
+    if pat.is_list(arrow_type) or pat.is_large_list(arrow_type) or pat.is_fixed_size_list(arrow_type):
+        return _json_unfit(arrow_type.value_type)
+    if pat.is_struct(arrow_type):
+        for index in range(arrow_type.num_fields):
+            bad = _json_unfit(arrow_type.field(index).type)
+            if bad is not None:
+                return bad
+        return None
+    return str(arrow_type)
+
+
+def _check_json_types(ds: "datasets.Dataset", flag: str | None, path: str) -> None:
+    for field in ds.data.schema:
+        bad = _json_unfit(field.type)
+        if bad is not None:
+            raise BadDataError(
+                f"column `{field.name}` holds {bad} values, which JSON lines cannot hold unchanged, so "
+                f"{_flag(flag)}{path} was not written; write `.parquet` or a directory (save_to_disk) instead."
+            )
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.floating):  # half floats come back as numpy scalars
+        return float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _write_jsonl(ds: "datasets.Dataset", tmp: str, flag: str | None, path: str) -> None:
+    """One JSON object per row, every value exactly as the dataset holds it.
+
+    Hand-written on purpose: ``Dataset.to_json`` goes through pandas, whose
+    JSON writer rounds floats to 10 significant digits (``double_precision``,
+    at most 15) and turns an integer column with nulls into floats (1 -> 1.0).
+    Here Arrow batches become Python values (datasets decodes its features,
+    e.g. ``Json``) and :func:`json.dumps` writes the shortest text that reads
+    back as the same float, integers as integers and nested lists/objects as
+    they are. NaN and infinities have no JSON form and are refused.
+    """
+    line = 0
+    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
+        for batch in ds.with_format(None).iter(batch_size=1000):
+            names = list(batch)
+            for values in zip(*batch.values()):
+                line += 1
+                row = dict(zip(names, values))
+                try:
+                    text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
+                except (TypeError, ValueError) as exc:
+                    column = _bad_json_column(row)
+                    raise BadDataError(
+                        f"row {line} of {_flag(flag)}{path}, column `{column}`, holds a value JSON cannot "
+                        f"hold exactly ({exc}), so nothing was written; write `.parquet` or a directory instead."
+                    ) from None
+                handle.write(text)
+                handle.write("\n")
+
+
+def _bad_json_column(row: dict) -> str:
+    for name, value in row.items():
+        try:
+            json.dumps(value, allow_nan=False, default=_json_default)
+        except (TypeError, ValueError):
+            return name
+    return "?"
 
 
 def write_table(

@@ -193,6 +193,9 @@ def terminal_summary(summary: dict) -> list[str]:
     """A few lines for the terminal: counts, the main measure's spread, thresholds."""
     counts = summary["counts"]
     others = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok")
+    if not summary["scored"]:
+        # Nothing to describe or threshold: one line instead of a "keeps no scored pair" per --keep.
+        return [f"rows: {summary['rows']}, no scored rows" + (f" (not scored: {others})" if others else "")]
     lines = [f"rows: {summary['rows']}, scored ok: {summary['scored']}" + (f" (not scored: {others})" if others else "")]
     if summary.get("special_token_rows"):
         lines.append(_special_text(summary))
@@ -305,7 +308,8 @@ def plot_histogram(scores: _Scores, summary: dict) -> bytes:
         ax.set_title(title)
         ax.set_xlabel(f"{measure} ({'higher' if MEASURES.get(measure).higher_is_riskier else 'lower'} = more displacement risk)")
         ax.set_ylabel("pairs")
-        ax.legend(fontsize=8, loc="upper left", frameon=False)
+        if ax.get_legend_handles_labels()[0]:  # matplotlib warns about an empty legend
+            ax.legend(fontsize=8, loc="upper left", frameon=False)
     fig.suptitle(f"{summary['scored']} scored pairs", fontsize=10)
     return _png(fig)
 
@@ -344,6 +348,8 @@ def plot_lengths(scores: _Scores, summary: dict, measure: str = "ln_ches") -> by
         if keep.size:
             ax.scatter(xs[keep], ys[keep], s=9, alpha=0.55, color="#4a7ab5", linewidths=0)
             ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, "no scored pairs", ha="center", va="center", transform=ax.transAxes)
         if width is not None:
             _asinh_axis(ax, "y", width, float(finite.min()), float(finite.max()))
         _threshold_lines(ax, summary, measure, vertical=False)
@@ -351,7 +357,8 @@ def plot_lengths(scores: _Scores, summary: dict, measure: str = "ln_ches") -> by
         ax.set_title(f"{side} response length" + (f" (Spearman {rho:+.2f}{shown})" if rho is not None else shown))
         ax.set_xlabel(f"|y{'+' if side == 'chosen' else '-'}| tokens (log)")
     axes[0].set_ylabel(measure + (" (asinh axis)" if width is not None else ""))
-    axes[0].legend(fontsize=8, loc="lower right", frameon=False)
+    if axes[0].get_legend_handles_labels()[0]:  # matplotlib warns about an empty legend
+        axes[0].legend(fontsize=8, loc="lower right", frameon=False)
     return _png(fig)
 
 
@@ -539,12 +546,12 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     Returns:
         The summary dict (also in ``summary.json``).
     """
-    from .io import atomic_path, check_output_path
+    from .io import atomic_path, check_paths
 
     config = config or ReportConfig()
     require_matplotlib()
-    inputs = [str(s) for s in (scores, data) if isinstance(s, (str, os.PathLike))]
-    check_output_path(str(output_dir), inputs=inputs, overwrite=overwrite)
+    inputs = {name: os.fspath(s) for name, s in (("SCORES", scores), ("--data", data)) if isinstance(s, (str, os.PathLike))}
+    check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite)
     loaded = _load_scores(scores)
     summary = summarize(loaded, config)
     excerpts = None

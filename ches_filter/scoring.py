@@ -9,7 +9,7 @@ cannot be scored keep a named ``status`` instead of disappearing.
 :class:`PairScorer` scores any list of contiguous row ranges and hands each
 range back as one Arrow table as soon as it is done, so nothing the size of the
 dataset is ever held in Python lists: :func:`score_pairs` concatenates the
-ranges into one table, :mod:`ches_filter.distributed` writes each range to disk
+ranges into one table, :mod:`ches_filter.run` writes each range to disk
 as a checkpoint part.
 """
 

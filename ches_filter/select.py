@@ -263,3 +263,100 @@ def _free_name(ds: Any, name: str) -> str:
     while candidate in ds.column_names:
         candidate = f"ches_filter_{candidate}" if not candidate.startswith("ches_filter_") else candidate + "_"
     return candidate
+
+
+
+#: ScoreConfig fields that never change a score value: where and how fast scoring runs, what it prints,
+#: permission to run remote code, and which rows are read (``--split``/``--subset``; the input
+#: fingerprint ties the score file to those rows). Every other field is compared by
+#: :func:`check_score_settings`.
+FREE_SCORE_SETTINGS = frozenset({
+    "device", "device_map", "engine_workers", "max_batch_tokens", "max_batch_size", "chunk_size", "quiet",
+    "trust_remote_code", "split", "subset",
+})
+_MISSING = object()
+
+
+def _recorded_model(model: str | None) -> str:
+    """What :func:`ches_filter.model.load_model` records as ``info["model"]`` for ``--model``."""
+    import os
+    from pathlib import Path
+
+    from .model import DEFAULT_MODEL_FILE
+
+    if model is None:
+        return f"embedded:{DEFAULT_MODEL_FILE}"
+    return str(Path(model).expanduser().resolve()) if os.path.exists(os.path.expanduser(model)) else model
+
+
+def _score_settings(config: ScoreConfig, meta: dict) -> dict[str, tuple[Any, Any]]:
+    """``field -> (value given now, value the score file records)`` (``_MISSING`` where it records none)."""
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    columns = meta.get("columns") if isinstance(meta.get("columns"), dict) else {}
+    use_template = meta.get("use_chat_template", _MISSING)
+    pairs: dict[str, tuple[Any, Any]] = {
+        "model": (_recorded_model(config.model), model.get("model", _MISSING)),
+        "revision": (config.revision, model.get("revision", _MISSING)),
+        "attn_implementation": (config.attn_implementation, model.get("attn_implementation", _MISSING)),
+        # `auto` resolves per device (dtype) or per model (engine): only a named choice can differ.
+        "dtype": (config.dtype, model.get("dtype", _MISSING) if config.dtype != "auto" else _MISSING),
+        "engine": (config.engine, meta.get("engine", _MISSING) if config.engine != "auto" else _MISSING),
+        "input_format": (config.input_format, meta.get("input_format", _MISSING)),
+        "prompt_column": (config.prompt_column, columns.get("prompt", _MISSING)),
+        "chosen_column": (config.chosen_column, columns.get("chosen", _MISSING)),
+        "rejected_column": (config.rejected_column, columns.get("rejected", _MISSING)),
+        "id_column": (config.id_column, columns.get("id", _MISSING)),
+        "layout": (config.layout, meta.get("token_layout", _MISSING)),
+        "measures": (",".join(config.measure_list), ",".join(meta["measures"]) if isinstance(meta.get("measures"), list) else _MISSING),
+        "max_length": (config.max_length, meta.get("max_length", _MISSING)),
+        "on_special_tokens": (config.on_special_tokens, meta.get("on_special_tokens", _MISSING)),
+        # A tokenizer without a chat template records False whatever the flag said, so only
+        # `--no-chat-template` against a file scored with the template differs.
+        "no_chat_template": (
+            config.no_chat_template,
+            _MISSING if use_template is _MISSING else (False if use_template is True else config.no_chat_template),
+        ),
+    }
+    return pairs
+
+
+def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] | tuple[str, ...]) -> None:
+    """Refuse scoring flags given with ``--scores`` that the score file was not computed with.
+
+    With ``--scores`` nothing is rescored, so a scoring flag that differs
+    from the file's settings would be silently ignored. Only the flags in
+    ``explicit`` (given on the command line) are compared, each with what
+    the file's ``ches_filter`` metadata records; :data:`FREE_SCORE_SETTINGS`
+    never change a score and are always allowed, as are settings the file
+    does not record.
+
+    Args:
+        scores: path of the score file.
+        config: the scoring settings as given now.
+        explicit: the :class:`ScoreConfig` fields the user set explicitly.
+
+    Raises:
+        BadFlagError: naming every differing flag, its value now and in the file.
+        BadDataError: the score file cannot be read.
+    """
+    from .errors import BadFlagError
+    from .io import read_table
+
+    _, meta = read_table(str(scores))
+    settings = _score_settings(config, meta)
+    problems = []
+    for name in explicit:
+        if name in FREE_SCORE_SETTINGS or name not in settings:
+            continue
+        given, stored = settings[name]
+        if stored is _MISSING or given == stored:
+            continue
+        shown = {"no_chat_template": lambda v: "given" if v else "not given"}.get(name, repr)
+        problems.append(f"`--{name.replace('_', '-')}` {shown(given)} now, {shown(stored)} in the score file")
+    if problems:
+        raise BadFlagError(
+            f"`--scores` {scores} was computed with other settings than the flags given now ("
+            + "; ".join(problems)
+            + "); with `--scores` nothing is rescored, so drop those flags, or rescore with them "
+            "(`ches-filter score INPUT -o NEW.parquet ...`) and pass the new file."
+        )
