@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import __version__
-from .config import PruneConfig, ReportConfig, ScoreConfig
+from .config import MEASURES, PruneConfig, ReportConfig, ScoreConfig
 from .errors import BadDataError, ChesFilterError
 
 logger = logging.getLogger(__name__)
@@ -193,9 +193,11 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
     loaded = scores if isinstance(scores, _Scores) else _load_scores(scores)
     cols = loaded.columns
     if config.by not in cols:
+        usable = [m for m in MEASURES if m in cols]
         raise BadDataError(
             f"`--by {config.by}` names a measure the score file lacks (it has: "
-            f"{', '.join(m for m in KNOWN_MEASURES if m in cols)}); choose one of those"
+            f"{', '.join(m for m in KNOWN_MEASURES if m in cols)}); "
+            + (f"pass `--by {usable[0]}`" if usable else f"rescore with `--measures` including {config.by}")
         )
     thresholds: dict[str, dict] = {}
     for measure in ("ln_ches", "ches"):

@@ -12,8 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import PruneConfig, ScoreConfig
-from .errors import BadDataError
+from .config import MEASURES, SCORE_MEASURES, PruneConfig, ScoreConfig
+from .errors import BadDataError, BadFlagError
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,19 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
     Returns:
         The :class:`Selection`, in ``row_index`` order.
     """
-    for name in ("row_index", "status", config.by):
+    for name in ("row_index", "status"):
         if name not in scores.column_names:
             raise BadDataError(
                 f"the score table has no {name!r} column (columns: {', '.join(scores.column_names)}); "
                 "was it written by `ches-filter score`?"
             )
+    if config.by not in scores.column_names:
+        present = [m for m in SCORE_MEASURES if m in scores.column_names]
+        usable = [m for m in MEASURES if m in present]
+        raise BadDataError(
+            f"`--by {config.by}` names a measure the score table lacks (it has: {', '.join(present) or 'none'}); "
+            f"rescore with `--measures` including {config.by}" + (f", or pass `--by {usable[0]}`" if usable else "")
+        )
     row_index = scores.column("row_index").to_pylist()
     if row_index != list(range(len(row_index))):
         raise BadDataError("the score table's `row_index` is not 0..N-1 in order; it was edited or is incomplete")
@@ -184,6 +191,11 @@ def prune_pairs(
 
     config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
     score_config = score_config or ScoreConfig()
+    if scores is None and config.by not in score_config.measure_list:
+        raise BadFlagError(
+            f"`--by {config.by}` ranks by a measure that `--measures {score_config.measures}` does not compute; "
+            f"add it: `--measures {score_config.measures},{config.by}`"
+        )
     ds, layout, columns = load_input(data, score_config)
     if scores is None:
         table = score_loaded(ds, layout, columns, score_config, model=model, source=data)
