@@ -72,8 +72,9 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
         present = [m for m in SCORE_MEASURES if m in scores.column_names]
         usable = [m for m in MEASURES if m in present]
         raise BadDataError(
-            f"`--by {config.by}` names a measure the score table lacks (it has: {', '.join(present) or 'none'}); "
-            f"rescore with `--measures` including {config.by}" + (f", or pass `--by {usable[0]}`" if usable else "")
+            f"the score table has no {config.by!r} column for `--by {config.by}` (its measure columns: "
+            f"{', '.join(present) or 'none'}); rescore with `--measures` including {config.by}"
+            + (f", or pass `--by {usable[0]}`" if usable else "")
         )
     row_index = scores.column("row_index").to_pylist()
     if row_index != list(range(len(row_index))):
