@@ -135,12 +135,15 @@ REAL_MODEL_PARAMETERS = 20_000_000
 
 def fast_tier(config) -> bool:
     """True when the run's ``-m`` expression deselects tests marked ``slow``."""
-    from _pytest.mark.expression import Expression
-
     markexpr = config.getoption("markexpr", default="") or ""
     if not markexpr.strip():
         return False
-    return not Expression.compile(markexpr).evaluate(lambda name, **kwargs: name == "slow")
+    try:  # pytest's own evaluator (private): a test marked only `slow` would be deselected
+        from _pytest.mark.expression import Expression
+
+        return not Expression.compile(markexpr).evaluate(lambda name, **kwargs: name == "slow")
+    except (ImportError, AttributeError, TypeError):
+        return "not slow" in " ".join(markexpr.split())
 
 
 def _is_slow(item) -> bool:
