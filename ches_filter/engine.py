@@ -52,6 +52,7 @@ import torch
 
 from .batching import EncodedPair, token_budget_batches
 from .ches import gather_sums
+from .errors import BadFlagError
 from .strategies import ENGINE_CHOICES, STRATEGIES
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,9 @@ class Engine:
             in input order; they equal a serial run's to float rounding.
 
     Raises:
-        ValueError: an unknown strategy, or ``packed``/``prefix`` asked for a
-            model where it cannot be exact.
+        ValueError: an unknown strategy.
+        BadFlagError: ``packed``/``prefix`` asked for a model where it cannot
+            be exact (a ``ValueError`` too; the CLI prints it as one line, exit 2).
     """
 
     def __init__(
@@ -219,7 +221,9 @@ class Engine:
             ok, why = False, "the decoder's forward takes no KV cache argument"
         if not ok:
             if strategy != "auto":
-                raise ValueError(f"the {strategy} strategy is not exact for this model: {why}")
+                raise BadFlagError(
+                    f"`--engine {strategy}` is not exact for this model: {why}; use `--engine auto` or `--engine plain`"
+                )
             logger.warning("scoring with the plain strategy (each side separately): %s", why)
             return "plain"
         if strategy == "prefix":
@@ -227,7 +231,7 @@ class Engine:
             # transformers releases): refuse rather than return wrong scores.
             worst = self._self_check_error("prefix")
             if worst > self._self_check_tolerance():
-                raise ValueError(
+                raise BadFlagError(
                     f"the prefix strategy disagrees with the plain one on this model (relative error {worst:.2e}); "
                     "use `--engine packed` or `--engine plain`"
                 )

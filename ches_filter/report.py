@@ -130,9 +130,11 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
     loaded = scores if isinstance(scores, _Scores) else _load_scores(scores)
     cols = loaded.columns
     if config.by not in cols:
+        usable = [m for m in MEASURES.names() if m in cols]
         raise BadDataError(
             f"`--by {config.by}` names a measure the score file lacks (it has: "
-            f"{', '.join(m for m in MEASURES.names() if m in cols)}); choose one of those"
+            f"{', '.join(usable)}); "
+            + (f"pass `--by {usable[0]}`" if usable else f"rescore with `--measures` including {config.by}")
         )
     thresholds: dict[str, dict] = {}
     for measure in (m for m in MEASURES.names() if m in cols):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import JobConfig, PruneConfig, ScoreConfig
-from .errors import BadDataError
+from .errors import BadDataError, BadFlagError
 from .measures import MEASURES, risk_key
 
 logger = logging.getLogger(__name__)
@@ -56,8 +56,9 @@ def _check_columns(scores: Any, by: str) -> None:
     if by not in scores.column_names:
         present = [m for m in MEASURES.names() if m in scores.column_names]
         raise BadDataError(
-            f"the score table has no {by!r} column (measure columns present: {', '.join(present) or 'none'}); "
-            f"rank by one of those with `--by`, or rescore with `--measures {by}`"
+            f"the score table has no {by!r} column for `--by {by}` (its measure columns: "
+            f"{', '.join(present) or 'none'}); rescore with `--measures` including {by}"
+            + (f", or pass `--by {present[0]}`" if present else "")
         )
 
 
@@ -223,6 +224,11 @@ def prune_pairs(
 
     config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
     score_config = score_config or ScoreConfig()
+    if scores is None and config.by not in score_config.measure_list:
+        raise BadFlagError(
+            f"`--by {config.by}` ranks by a measure that `--measures {score_config.measures}` does not compute; "
+            f"add it: `--measures {score_config.measures},{config.by}`"
+        )
     ds, layout, columns = load_input(data, score_config)
     work = None
     if scores is None:

@@ -29,6 +29,7 @@ def test_every_command_has_help(command):
     assert "Usage:" in result.output and command in result.output
 
 
+@pytest.mark.slow
 def test_help_does_not_import_torch():
     code = (
         "import sys\n"
@@ -42,6 +43,7 @@ def test_help_does_not_import_torch():
     assert json.loads(out.stdout) == []
 
 
+@pytest.mark.slow
 def test_python_dash_m_works():
     out = subprocess.run([sys.executable, "-m", "ches_filter", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "ches-filter" in out.stdout
@@ -111,6 +113,7 @@ def test_unknown_model_path_exits_1(tmp_path):
     assert "--model" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_bad_data_is_one_line_on_stderr_even_when_a_library_logs_it(tmp_path):
     """datasets logs a failed JSON load at ERROR before raising; the user sees only our line."""
     path = tmp_path / "dup.jsonl"

@@ -14,7 +14,6 @@ from ches_filter.cli import main
 from ches_filter.config import DisplacementConfig, ScoreConfig
 from ches_filter.displacement import PairProbe, displacement_summary, format_summary, measure_displacement
 from ches_filter.errors import BadFlagError
-from ches_filter.measures import normalized_edit_distance
 
 from conftest import SHARED_DATA
 
@@ -145,13 +144,16 @@ def test_measures_match_the_scoring_engine():
     ches = ches_from_sums(states.s_chosen, states.s_rejected)
     ln = ln_ches_from_sums(states.s_chosen, states.s_rejected, torch.tensor([4, 5]), torch.tensor([3, 2]))
     probe = PairProbe(lm, "cpu")
+    # Worked by hand: (10,11,12,2)->(10,13,2) is one substitution and one deletion, 2/4;
+    # (20,21,22,23,2)->(20,2) is three deletions, 3/5.
+    edit_distances = [0.5, 0.6]
     for j, pair in enumerate(pairs):
         out = probe.first_order(pair.prompt, pair.chosen, pair.rejected)
         assert out["ches"] == pytest.approx(float(ches[j]), rel=1e-4)
         assert out["ln_ches"] == pytest.approx(float(ln[j]), rel=1e-4)
         expected_ip = float(states.last_chosen[j] @ states.last_rejected[j])
         assert out["last_hidden_ip"] == pytest.approx(expected_ip, rel=1e-4)
-        assert out["edit_distance"] == normalized_edit_distance(pair.chosen, pair.rejected)
+        assert out["edit_distance"] == edit_distances[j]
 
 
 def test_summary_correlations_and_quartiles():

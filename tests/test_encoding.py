@@ -12,6 +12,8 @@ from ches_filter.formats import Columns, normalize_row
 
 from conftest import read_hh
 
+pytestmark = pytest.mark.slow  # the embedded model's tokenizer, through the `embedded` fixture
+
 CONVERSATIONAL = [
     {
         "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}],

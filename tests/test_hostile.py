@@ -155,6 +155,7 @@ def check_outcome(result, data_path, out, expected_rows):
     return "refused"
 
 
+@pytest.mark.slow  # 60 runs of the whole CLI; tests/test_fast_tier.py runs a few
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rows=ROWS, damage=DAMAGE, data=st.data())
 def test_hostile_rows_never_crash_and_never_lose_a_row(tiny_model_dir, rows, damage, data):

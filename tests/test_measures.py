@@ -96,7 +96,7 @@ def test_all_measures_in_score_output(tiny_model_dir):
                 hidden = model.decoder(input_ids=torch.tensor([list(enc.prompt + response)])).last_hidden_state[0]
             last.append(hidden[len(enc.prompt) + len(response) - 2].double())
         assert ip[i] == pytest.approx(float(last[0] @ last[1]), rel=1e-4)
-        assert edit[i] == normalized_edit_distance(enc.chosen, enc.rejected)
+        assert edit[i] == reference_levenshtein(enc.chosen, enc.rejected) / max(len(enc.chosen), len(enc.rejected))
     assert edit[1] == 0.0 and everything.column("ches").to_pylist()[1] == 0.0
     assert ip[3] is None and edit[3] is None
 

@@ -103,6 +103,7 @@ def test_trl_layout_matches_trl(name, embedded):
         assert a == b, (i, tokenizer.decode(a["chosen_ids"]), tokenizer.decode(b["chosen_ids"]))
 
 
+@pytest.mark.slow
 def test_trl_layout_conversational_has_no_extra_eos(embedded):
     tokenizer = embedded.tokenizer
     paper_enc = PairEncoder(tokenizer)
@@ -114,6 +115,7 @@ def test_trl_layout_conversational_has_no_extra_eos(embedded):
     assert paper.chosen[-1] == tokenizer.eos_token_id and list(paper.prompt) == enc["prompt_ids"]
 
 
+@pytest.mark.slow
 def test_trl_layout_text_appends_eos_once(embedded):
     tokenizer = embedded.tokenizer
     _, encoded = ours(TEXT_ROWS, tokenizer)
