@@ -500,7 +500,12 @@ def test_report_on_scores_with_ches_only_reports_ches(tmp_path, tiny_model_dir):
     result = invoke("report", scores, "-o", tmp_path / "r", "--by", "ches", "--keep", 0.5, "-q")
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert set(summary["measures"]) == {"ches", "edit_distance"} and set(summary["thresholds"]) == {"ches"}
-    ches = [v for v, s in zip(pq.read_table(scores).column("ches").to_pylist(), pq.read_table(scores).column("status").to_pylist()) if s == "ok"]
+    # Every measure gets prune thresholds, each in its risk direction (lower edit distance = riskier).
+    assert set(summary["measures"]) == {"ches", "edit_distance"} and set(summary["thresholds"]) == {"ches", "edit_distance"}
+    table = pq.read_table(scores)
+    ok = [s == "ok" for s in table.column("status").to_pylist()]
+    ches = [v for v, o in zip(table.column("ches").to_pylist(), ok) if o]
     n_keep = math.floor(0.5 * len(ches) + 0.5)
     assert summary["thresholds"]["ches"]["0.5"]["threshold"] == sorted(ches)[n_keep - 1]
+    edit = [v for v, o in zip(table.column("edit_distance").to_pylist(), ok) if o]
+    assert summary["thresholds"]["edit_distance"]["0.5"]["threshold"] == sorted(edit, reverse=True)[n_keep - 1]

@@ -220,6 +220,7 @@ def test_a_cache_that_is_a_file_is_refused_at_once(tmp_path, data, where):
     assert blocker.read_text() == "not a directory"
 
 
+@pytest.mark.slow  # reaches the embedded model's cache check (the fast-tier guard stops any real-GGUF path)
 def test_a_cache_that_cannot_be_created_is_refused_before_converting(tmp_path, data):
     # /proc refuses every mkdir, even for root (a chmod'ed directory would not stop root).
     cache = "/proc/self/ches-filter-cache"

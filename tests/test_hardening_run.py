@@ -15,6 +15,9 @@ from ches_filter.cli import main
 
 from conftest import read_hh
 
+# mount and chattr run as subprocesses (root only; skipped elsewhere).
+pytestmark = pytest.mark.slow
+
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])

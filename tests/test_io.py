@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import socket
 from pathlib import Path
 
 import datasets
@@ -415,7 +416,7 @@ def test_atomic_path_replaces_file_with_directory_and_back(tmp_path):
 def test_atomic_path_yields_hidden_sibling(tmp_path):
     with io.atomic_path(str(tmp_path / "x.parquet")) as tmp:
         assert os.path.dirname(tmp) == str(tmp_path)
-        assert os.path.basename(tmp) == f".x.parquet.tmp-{os.getpid()}"
+        assert os.path.basename(tmp) == f".x.parquet.tmp-{socket.gethostname()}-{os.getpid()}"
         Path(tmp).write_text("ok", "utf-8")
 
 
