@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .config import TOKEN_LAYOUTS
 from .errors import BadDataError
-from .formats import Pair
+from .formats import LAYOUTS, Pair
+from .registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class PairEncoder:
 
     def __init__(self, tokenizer: Any, *, use_chat_template: bool = True, layout: str = "paper",
                  input_format: str | None = None) -> None:
-        if layout not in TOKEN_LAYOUTS:
-            raise ValueError(f"layout must be one of {TOKEN_LAYOUTS}, got {layout!r}")
+        TOKEN_LAYOUTS.get(layout)
         self.tokenizer = tokenizer
         self.eos = tokenizer.eos_token_id
         has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -139,8 +138,10 @@ class PairEncoder:
 
     def encode(self, pair: Pair) -> EncodedPair:
         """Encode one ``ok`` pair."""
-        if self.layout == "trl":
-            return self.encode_trl(pair)
+        return TOKEN_LAYOUTS.get(self.layout).encode(self, pair)
+
+    def encode_paper(self, pair: Pair) -> EncodedPair:
+        """The paper's layout: ``P`` from the chat template, ``R`` = response tokens + EOS."""
         if self.use_chat_template:
             chosen, rejected = pair.chosen, pair.rejected
         else:
@@ -193,7 +194,7 @@ class PairEncoder:
                 self.encode_prompt(pair)  # raises the BadDataError that names the fix
             else:
                 todo.append(i)
-        if self.layout == "trl" or len(todo) < 2:
+        if not TOKEN_LAYOUTS.get(self.layout).list_tokenized or len(todo) < 2:
             for i in todo:
                 results[i] = self.encode_checked(pairs[i], max_length)
             return results  # type: ignore[return-value]
@@ -260,7 +261,9 @@ class PairEncoder:
             full_rejected = render(messages + [{"role": "assistant", "content": pair.rejected}])
         else:
             prompt_text, chosen_text, rejected_text = pair.prompt_text, pair.chosen_text, pair.rejected_text
-            if self.input_format == "implicit_text":
+            layout = LAYOUTS.get(self.input_format) if self.input_format else None
+            if layout is not None and not layout.needs_prompt:
+                # Whole transcripts: TRL extracts the prompt as the shared prefix.
                 prompt_text, chosen_text, rejected_text = _split_like_trl(
                     prompt_text + chosen_text, prompt_text + rejected_text
                 )
@@ -277,6 +280,32 @@ class PairEncoder:
         if not chosen or not rejected:
             raise ValueError("a completion is empty after TRL's prompt/completion split")
         return EncodedPair(tuple(prompt[:start]), tuple(chosen), tuple(rejected))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which token ids a pair's prompt and responses become (``--layout``).
+
+    Attributes:
+        name: the ``--layout`` value.
+        encode: ``(PairEncoder, Pair) -> EncodedPair`` for one ``ok`` pair.
+        list_tokenized: :meth:`PairEncoder.encode_checked_many` may tokenise
+            a chunk as lists with the paper layout's calls (same ids).
+        description: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    encode: Callable[["PairEncoder", Pair], EncodedPair]
+    list_tokenized: bool
+    description: str
+
+
+#: Every token layout, by ``--layout`` name.
+TOKEN_LAYOUTS: Registry[TokenLayout] = Registry("token layout", "--layout")
+TOKEN_LAYOUTS.register("paper", TokenLayout(
+    "paper", PairEncoder.encode_paper, True, "response tokens + EOS after the chat-template prompt (the paper's)"))
+TOKEN_LAYOUTS.register("trl", TokenLayout(
+    "trl", PairEncoder.encode_trl, False, "the prompt/completion tokens TRL's DPOTrainer trains on"))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

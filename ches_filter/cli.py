@@ -15,10 +15,12 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .config import (
-    ATTN_IMPLEMENTATIONS, DTYPES, ENGINES, INPUT_FORMATS, MEASURES, SCORE_MEASURES, TOKEN_LAYOUTS, PruneConfig, ScoreConfig,
-)
+from .batching import TOKEN_LAYOUTS
+from .config import ATTN_IMPLEMENTATIONS, DTYPES, PruneConfig, ScoreConfig
 from .errors import ChesFilterError
+from .formats import LAYOUTS
+from .measures import DEFAULT_MEASURES, MEASURES
+from .strategies import ENGINE_CHOICES, STRATEGIES
 
 logger = logging.getLogger("ches_filter")
 
@@ -69,6 +71,11 @@ def _guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+_BY_HELP = "Measure that ranks the pairs, each in its risk direction: " + ", ".join(
+    f"{m.name} ({'higher' if m.higher_is_riskier else 'lower'} = riskier)" for m in MEASURES.values()
+) + "."
+
+
 def score_options(fn: Callable) -> Callable:
     """Options shared by every command that scores (names = ScoreConfig fields)."""
     options = [
@@ -79,8 +86,8 @@ def score_options(fn: Callable) -> Callable:
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--device-map", default=None, help="Split one model over several GPUs (e.g. auto; needs accelerate)."),
         click.option("--attn-implementation", type=click.Choice(ATTN_IMPLEMENTATIONS), default="sdpa", show_default=True),
-        click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True, help="packed: prompt encoded once per pair (one tree-masked row); prefix: prompt once, then both responses from its KV cache; plain: each side separately; auto: packed where exact."),
-        click.option("--input-format", type=click.Choice(INPUT_FORMATS), default=None, help="Force the input layout instead of detecting it."),
+        click.option("--engine", type=click.Choice(ENGINE_CHOICES), default="auto", show_default=True, help="; ".join(f"{s.name}: {s.description}" for s in STRATEGIES.values()) + "; auto: packed where exact, else plain."),
+        click.option("--input-format", type=click.Choice(LAYOUTS.names()), default=None, help="Force the input layout instead of detecting it: " + "; ".join(f"{x.name}: {x.description}" for x in LAYOUTS.values()) + "."),
         click.option("--prompt-column", default="prompt", show_default=True),
         click.option("--chosen-column", default="chosen", show_default=True),
         click.option("--rejected-column", default="rejected", show_default=True),
@@ -88,8 +95,8 @@ def score_options(fn: Callable) -> Callable:
         click.option("--split", default=None, help="Split of a Hub dataset or a saved DatasetDict."),
         click.option("--subset", default=None, help="Configuration (subset) of a Hub dataset."),
         click.option("--no-chat-template", is_flag=True, default=False, help="Tokenize the prompt's text form instead of rendering the chat template."),
-        click.option("--layout", type=click.Choice(TOKEN_LAYOUTS), default="paper", show_default=True, help="Response tokens: paper = response + EOS; trl = the completion tokens TRL's DPOTrainer trains on."),
-        click.option("--measures", default="ches,ln_ches", show_default=True, help="Comma-separated columns to compute: " + ", ".join(SCORE_MEASURES) + "."),
+        click.option("--layout", type=click.Choice(TOKEN_LAYOUTS.names()), default="paper", show_default=True, help="Response tokens: " + "; ".join(f"{t.name} = {t.description}" for t in TOKEN_LAYOUTS.values()) + "."),
+        click.option("--measures", default=",".join(DEFAULT_MEASURES), show_default=True, help="Comma-separated columns to compute: " + ", ".join(MEASURES.names()) + "."),
         click.option("--max-length", type=int, default=None, help="Pairs longer than this (prompt + longest response, tokens) get status too_long. Default: the model's context."),
         click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per forward pass. Default: 512 on CPU, 65536 on CUDA."),
         click.option("--engine-workers", type=int, default=None, help="Forward passes in flight at once, each on its own thread. Default: on CPU one per core (up to 4, each single-threaded), on CUDA 1."),
@@ -209,7 +216,7 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
 @click.option("--keep", type=float, default=None, help="Fraction of scored (status ok) rows to keep, in (0, 1].")
 @click.option("--keep-count", type=int, default=None, help="Number of scored rows to keep.")
 @click.option("--max-score", type=float, default=None, help="Keep rows whose score is <= this.")
-@click.option("--by", type=click.Choice(MEASURES), default="ln_ches", show_default=True, help="Measure to rank by (higher = riskier).")
+@click.option("--by", type=click.Choice(MEASURES.names()), default="ln_ches", show_default=True, help=_BY_HELP)
 @click.option("--scores", default=None, help="Reuse a score file from `ches-filter score` for this INPUT.")
 @click.option("--keep-unscored", is_flag=True, default=False, help="Keep rows that could not be scored instead of dropping them.")
 @click.option("--add-scores", is_flag=True, default=False, help="Append ches, ln_ches, status columns to the output.")
@@ -251,7 +258,7 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
 @click.option("--output", "-o", required=True, help="Report directory to create (summary.json, histogram.png, length.png, report.html).")
 @click.option("--data", default=None, help="The INPUT that was scored, to show prompt/response excerpts of the extreme pairs.")
 @click.option("--keep", type=float, multiple=True, default=(0.95, 0.9, 0.8), show_default=True, help="Fractions whose prune threshold is listed and drawn (repeatable).")
-@click.option("--by", type=click.Choice(MEASURES), default="ln_ches", show_default=True, help="Measure that ranks the highest/lowest pairs.")
+@click.option("--by", type=click.Choice(MEASURES.names()), default="ln_ches", show_default=True, help=_BY_HELP)
 @click.option("--top", type=int, default=20, show_default=True, help="How many highest- and lowest-scoring pairs to list.")
 @click.option("--excerpt-chars", type=int, default=400, show_default=True, help="Characters of each prompt/response excerpt.")
 @click.option("--split", default=None, help="Split of --data, as for `score`.")

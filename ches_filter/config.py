@@ -11,17 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+from .batching import TOKEN_LAYOUTS
 from .errors import BadFlagError
+from .formats import LAYOUTS
+from .measures import DEFAULT_MEASURES, MEASURES
+from .strategies import ENGINE_CHOICES
 
+# Choices that belong to torch/transformers themselves, not to a registry of ours.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ENGINES = ("auto", "packed", "prefix", "plain")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-INPUT_FORMATS = ("explicit_text", "explicit_conversational", "implicit_conversational", "implicit_text")
-MEASURES = ("ches", "ln_ches")
-#: Everything ``score --measures`` can compute, in output column order.
-SCORE_MEASURES = ("ches", "ln_ches", "last_hidden_ip", "edit_distance")
-#: Token layouts (see ``ches_filter.batching``): the paper's, or TRL's DPO preprocessing.
-TOKEN_LAYOUTS = ("paper", "trl")
 
 
 def _choice(flag: str, value, choices) -> None:
@@ -64,16 +62,16 @@ class ScoreConfig:
     chunk_size: int = 4096
     quiet: bool = False
     layout: str = "paper"
-    measures: str = "ches,ln_ches"
+    measures: str = ",".join(DEFAULT_MEASURES)
 
     def __post_init__(self) -> None:
-        _choice("layout", self.layout, TOKEN_LAYOUTS)
+        _choice("layout", self.layout, TOKEN_LAYOUTS.names())
         self.measures = _measures(self.measures)
         _choice("dtype", self.dtype, DTYPES)
-        _choice("engine", self.engine, ENGINES)
+        _choice("engine", self.engine, ENGINE_CHOICES)
         _choice("attn-implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.input_format is not None:
-            _choice("input-format", self.input_format, INPUT_FORMATS)
+            _choice("input-format", self.input_format, LAYOUTS.names())
         for flag in ("max_length", "max_batch_tokens", "max_batch_size", "engine_workers", "chunk_size"):
             _positive(flag.replace("_", "-"), getattr(self, flag))
         for flag in ("prompt_column", "chosen_column", "rejected_column"):
@@ -91,7 +89,7 @@ class ScoreConfig:
 
     @property
     def measure_list(self) -> tuple[str, ...]:
-        """``measures`` as a tuple, in :data:`SCORE_MEASURES` order."""
+        """``measures`` as a tuple, in registry (:data:`~ches_filter.measures.MEASURES`) order."""
         return tuple(self.measures.split(","))
 
 
@@ -99,13 +97,13 @@ def _measures(value) -> str:
     """Canonical comma-separated measure list (a plain string, so it compares equal after a JSON round trip)."""
     names = value.split(",") if isinstance(value, str) else list(value)
     names = [str(n).strip() for n in names if str(n).strip()]
-    unknown = [n for n in names if n not in SCORE_MEASURES]
+    unknown = [n for n in names if n not in MEASURES]
     if unknown or not names:
         raise BadFlagError(
-            f"`--measures` got {value!r}; give a comma-separated list of: {', '.join(SCORE_MEASURES)} "
+            f"`--measures` got {value!r}; give a comma-separated list of: {', '.join(MEASURES.names())} "
             "(e.g. `--measures ches,ln_ches,last_hidden_ip`)"
         )
-    return ",".join(m for m in SCORE_MEASURES if m in names)
+    return ",".join(m for m in MEASURES.names() if m in names)
 
 
 @dataclass
@@ -113,7 +111,10 @@ class PruneConfig:
     """Which scored pairs to keep.
 
     Exactly one of ``keep`` (fraction of ``ok`` rows), ``keep_count`` or
-    ``max_score`` selects; ties break by ``row_index``.
+    ``max_score`` selects; rows are ranked by ``by`` in its risk direction
+    (:data:`~ches_filter.measures.MEASURES`: higher CHES is riskier, lower
+    edit distance is), ties broken by ``row_index``. ``max_score`` keeps rows
+    no riskier than it (``<=``, or ``>=`` for a lower-is-riskier measure).
     """
 
     keep: float | None = None
@@ -137,7 +138,7 @@ class PruneConfig:
             raise BadFlagError(f"`--keep-count` must be 0 or more, got {self.keep_count}")
         if self.max_score is not None and self.max_score != self.max_score:
             raise BadFlagError("`--max-score` must be a number, got NaN")
-        _choice("by", self.by, MEASURES)
+        _choice("by", self.by, MEASURES.names())
 
     def keep_n(self, n_ok: int) -> int | None:
         """Rows to keep out of ``n_ok`` scored rows (None for ``max_score``).
@@ -177,7 +178,7 @@ class ReportConfig:
         self.keep = tuple(sorted({float(k) for k in self.keep}, reverse=True))
         if not self.keep or any(not (0.0 < k <= 1.0) for k in self.keep):
             raise BadFlagError(f"`--keep` takes fractions in (0, 1], got {self.keep}; e.g. `--keep 0.9`")
-        _choice("by", self.by, MEASURES)
+        _choice("by", self.by, MEASURES.names())
         if isinstance(self.top, bool) or not isinstance(self.top, int) or self.top < 0:
             raise BadFlagError(f"`--top` must be 0 or more, got {self.top!r}")
         _positive("excerpt-chars", self.excerpt_chars)

@@ -34,13 +34,16 @@ from . import __version__
 from .batching import EncodedPair
 from .config import DisplacementConfig, ScoreConfig
 from .errors import BadDataError, BadFlagError
+from .formats import LAYOUTS
+from .measures import MEASURES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PairProbe", "measure_displacement", "displacement_summary", "format_summary", "DISPLACEMENT_COLUMNS"]
 
 #: Measures correlated against displacement, with the sign that makes "higher = more risk".
-SIGNED_MEASURES = (("ches", 1), ("ln_ches", 1), ("last_hidden_ip", 1), ("edit_distance", -1))
+#: Each measure with the sign that makes higher = riskier (from the measure registry).
+SIGNED_MEASURES = tuple((m.name, 1 if m.higher_is_riskier else -1) for m in MEASURES.values())
 DISPLACEMENT_COLUMNS = (
     "first_order_dlogp_chosen", "first_order_dlogp_rejected", "dlogp_chosen", "dlogp_rejected", "step_rounding_error",
     "logp_chosen", "logp_rejected", "grad_sq_norm_chosen", "grad_sq_norm_rejected", "grad_inner",
@@ -384,7 +387,7 @@ def measure_displacement(
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
     )
-    if not encoder.use_chat_template and layout.endswith("conversational"):
+    if not encoder.use_chat_template and LAYOUTS.get(layout).conversational:
         raise BadDataError(
             f"the input is {layout} but no chat template can be used; conversational prompts need one: use a "
             "model that has one, or give `prompt`/`chosen`/`rejected` as plain strings"
@@ -462,7 +465,7 @@ def displacement_summary(table: Any, *, steps: int = 0) -> dict:
     (``-edit_distance``). A pair is displaced when its chosen log-likelihood
     falls (``D < 0``, or ``dlogp_chosen < 0``).
     """
-    from .report import rank_correlation
+    from .stats import rank_correlation
 
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
     n = table.num_rows

@@ -52,12 +52,12 @@ import torch
 
 from .batching import EncodedPair, token_budget_batches
 from .ches import gather_sums
+from .strategies import ENGINE_CHOICES, STRATEGIES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "PairStates", "STRATEGIES", "packed_support", "packed_rows", "tree_mask"]
 
-STRATEGIES = ("auto", "packed", "prefix", "plain")
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
 # Python threads share the GIL for the model's per-operation bookkeeping, so
@@ -261,8 +261,8 @@ class Engine:
         padding_side: str = "right",
         workers: int | None = None,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy not in ENGINE_CHOICES:
+            raise ValueError(f"strategy must be one of {ENGINE_CHOICES}, got {strategy!r}")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if hasattr(decoder, "get_output_embeddings") and decoder.get_output_embeddings() is not None:
@@ -413,17 +413,10 @@ class Engine:
 
     # ----------------------------------------------------------------- helpers
     def _cost(self, pair: EncodedPair) -> int:
-        if self.strategy in ("packed", "prefix"):
-            return pair.packed_length
-        # Plain batches hold both sides of each pair, padded to the longest side.
-        return 2 * (len(pair.prompt) + max(len(pair.chosen), len(pair.rejected)) - 1)
+        return STRATEGIES.get(self.strategy).cost(len(pair.prompt), len(pair.chosen), len(pair.rejected))
 
     def _forward(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
-        if self.strategy == "packed":
-            return self._forward_packed(pairs)
-        if self.strategy == "prefix":
-            return self._forward_prefix(pairs)
-        return self._forward_plain(pairs)
+        return getattr(self, f"_forward_{self.strategy}")(pairs)
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: Any, position_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
         kwargs: dict[str, Any] = {"use_cache": cache is not None}

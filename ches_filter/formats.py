@@ -1,6 +1,7 @@
 """Normalize one row of a DPO preference dataset into a :class:`Pair`.
 
-Four on-disk layouts are understood (see :data:`LAYOUTS`). Whole-dataset
+The on-disk layouts understood are the entries of the registry :data:`LAYOUTS`
+(one pure normalise function each, TRL ``data_utils`` style). Whole-dataset
 problems (a missing column, a layout that cannot be recognized) raise
 :class:`~ches_filter.errors.BadDataError`; problems with a single row never
 raise and instead come back as a :class:`Pair` whose ``status`` names the
@@ -13,18 +14,12 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
-from .errors import BadDataError, BadFlagError
+from .errors import BadDataError
+from .registry import Registry
 
 logger = logging.getLogger(__name__)
-
-LAYOUTS = (
-    "explicit_text",
-    "explicit_conversational",
-    "implicit_conversational",
-    "implicit_text",
-)
 
 # Ordered as the checks run: the first matching status wins.
 ROW_STATUSES = (
@@ -92,16 +87,12 @@ def is_conversational(value: Any) -> bool:
 
 
 def validate_layout(layout: str) -> str:
-    """Return ``layout`` unchanged if it is one of :data:`LAYOUTS`.
+    """Return ``layout`` unchanged if it is registered in :data:`LAYOUTS`.
 
     Raises:
-        BadFlagError: for any other value.
+        BadFlagError: for any other value, naming the choices.
     """
-    if layout not in LAYOUTS:
-        raise BadFlagError(
-            f"unknown layout {layout!r}; valid choices: {', '.join(LAYOUTS)}. "
-            "Pass one of them to `--input-format`, or leave `--input-format` out to detect it."
-        )
+    LAYOUTS.get(layout)
     return layout
 
 
@@ -286,6 +277,42 @@ def _implicit_text(chosen: Any, rejected: Any) -> Pair:
     )
 
 
+@dataclass(frozen=True)
+class Layout:
+    """One input layout: how a row of it becomes a :class:`Pair`.
+
+    Attributes:
+        name: the ``--input-format`` value.
+        normalize: pure function ``(prompt, chosen, rejected) -> Pair``; ``prompt``
+            is None for layouts without a prompt column.
+        needs_prompt: the layout reads a prompt column.
+        conversational: prompts are message lists (needs a chat template).
+        description: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    normalize: Callable[[Any, Any, Any], Pair]
+    needs_prompt: bool
+    conversational: bool
+    description: str
+
+
+#: Every input layout, by ``--input-format`` name. A new layout is one pure
+#: function plus one ``LAYOUTS.register`` call (and its tests).
+LAYOUTS: Registry[Layout] = Registry("input layout", "--input-format")
+LAYOUTS.register("explicit_text", Layout(
+    "explicit_text", _explicit_text, True, False, "prompt/chosen/rejected strings"))
+LAYOUTS.register("explicit_conversational", Layout(
+    "explicit_conversational", _explicit_conversational, True, True,
+    "TRL style: prompt messages, chosen/rejected assistant messages or strings"))
+LAYOUTS.register("implicit_conversational", Layout(
+    "implicit_conversational", lambda _prompt, chosen, rejected: _implicit_conversational(chosen, rejected),
+    False, True, "UltraFeedback-binarized style: chosen/rejected are whole conversations"))
+LAYOUTS.register("implicit_text", Layout(
+    "implicit_text", lambda _prompt, chosen, rejected: _implicit_text(chosen, rejected),
+    False, False, "HH-RLHF style: chosen/rejected are whole Human:/Assistant: transcripts"))
+
+
 def normalize_row(row: dict, layout: str, columns: Columns) -> Pair:
     """Turn one dataset row into a :class:`Pair`.
 
@@ -293,20 +320,30 @@ def normalize_row(row: dict, layout: str, columns: Columns) -> Pair:
     :data:`ROW_STATUSES`) says what is wrong with it.
 
     Raises:
-        BadFlagError: if ``layout`` is not one of :data:`LAYOUTS`.
+        BadFlagError: if ``layout`` is not registered in :data:`LAYOUTS`.
     """
-    validate_layout(layout)
+    entry = LAYOUTS.get(layout)
     if not isinstance(row, Mapping):
         row = {}
-    chosen = row.get(columns.chosen)
-    rejected = row.get(columns.rejected)
-    if layout == "explicit_text":
-        return _explicit_text(row.get(columns.prompt), chosen, rejected)
-    if layout == "explicit_conversational":
-        return _explicit_conversational(row.get(columns.prompt), chosen, rejected)
-    if layout == "implicit_conversational":
-        return _implicit_conversational(chosen, rejected)
-    return _implicit_text(chosen, rejected)
+    prompt = row.get(columns.prompt) if entry.needs_prompt else None
+    return entry.normalize(prompt, row.get(columns.chosen), row.get(columns.rejected))
+
+
+def used_columns(layout: str, columns: Columns, available: list[str]) -> list[str]:
+    """The input columns a layout reads (and that decide the scores), in a fixed order.
+
+    A prompt column present in an implicit layout's input is hashed too, so a
+    score file stays tied to the rows it was computed for.
+    """
+    used = [columns.chosen, columns.rejected]
+    if LAYOUTS.get(layout).needs_prompt or columns.prompt in available:
+        used.insert(0, columns.prompt)
+    return [c for c in used if c in available]
+
+
+def required_columns(layout: str, columns: Columns) -> list[str]:
+    """The columns an input of ``layout`` must have."""
+    return ([columns.prompt] if LAYOUTS.get(layout).needs_prompt else []) + [columns.chosen, columns.rejected]
 
 
 def _first_value(sample_rows: list[dict], column: str) -> Any:
@@ -385,7 +422,7 @@ def detect_layout(column_names: list[str], sample_rows: list[dict], columns: Col
                 f"column {columns.prompt!r} is None in all of the first "
                 f"{min(len(sample_rows), _SAMPLE_LIMIT)} rows; it must hold strings "
                 "or message lists. Map another column with `--prompt-column NAME`, "
-                "or pass `--layout implicit_conversational`/`--layout implicit_text` "
+                "or pass `--input-format implicit_conversational`/`--input-format implicit_text` "
                 "if the responses hold the whole conversation."
             )
         if is_conversational(chosen) and (len(chosen) > 1 or chosen[0]["role"] != "assistant"):

@@ -1,27 +1,85 @@
-"""Per-pair measures besides CHES: pure functions, no model, no tokenizer.
+"""The measure registry: every per-pair score the tool computes, ranks and prunes by.
 
+Each :class:`Measure` is a function over a batch of pairs' states and tokens
+(:class:`MeasureInput`) plus the facts every consumer needs: its **risk
+direction** (``prune --by``, ``report --by``, ``validate --by`` and
+``displacement`` all rank through :func:`risk_key`), whether it needs the
+model's hidden states, and its exact value for identical responses.
+
+``ches`` / ``ln_ches``
+    The paper's CHES and length-normalised CHES (:mod:`ches_filter.ches`).
+    Higher = riskier.
 ``last_hidden_ip``
     ``<h+_last, h-_last>``: inner product of the final hidden states at the
     last response position of each side (the position that predicts the last
     response token, EOS in the paper layout). The paper's cheap baseline.
+    Higher (more similar) = riskier.
 ``edit_distance``
     Levenshtein distance between the two responses' token ids divided by the
     longer response's length: 0 for identical responses, 1 for responses that
-    share no aligned token. *Lower* means more similar, so ``-edit_distance``
-    is the one that should track displacement risk.
+    share no aligned token. *Lower* (more similar) = riskier. Needs no model.
 
-CHES and LN-CHES themselves live in :mod:`ches_filter.ches`.
+A new measure is one ``MEASURES.register(...)`` call here (or in a module
+imported here) plus its tests; the CLI's ``--measures``/``--by`` choices, the
+score file's columns and every ranking read it from the registry. No torch
+import at module level: the CLI reads the registry for ``--help``.
 """
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
-import torch
+from .registry import Registry
 
-from .ches import inner_product
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
-__all__ = ["levenshtein", "normalized_edit_distance", "last_hidden_ip"]
+__all__ = [
+    "Measure", "MeasureInput", "MEASURES", "DEFAULT_MEASURES", "risk_key", "compute_measures",
+    "levenshtein", "normalized_edit_distance", "last_hidden_ip",
+]
+
+
+@dataclass(frozen=True)
+class MeasureInput:
+    """What a measure may read for a batch of ``N`` pairs.
+
+    Attributes:
+        chosen: ``N`` token-id sequences of ``y+`` (EOS included in the paper layout).
+        rejected: ``N`` token-id sequences of ``y-``.
+        states: the engine's per-pair states (``s_chosen``/``s_rejected``:
+            ``(N, D)`` sums; ``last_chosen``/``last_rejected``: ``(N, D)``), or
+            None when no measure asked for needs the model.
+    """
+
+    chosen: Sequence[Sequence[int]]
+    rejected: Sequence[Sequence[int]]
+    states: Any = None
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One per-pair measure.
+
+    Attributes:
+        name: column name and ``--by`` value.
+        label: human name for tables and plots.
+        higher_is_riskier: the risk direction (False: lower = riskier).
+        needs_model: reads ``MeasureInput.states`` (a forward pass).
+        identical_value: exact value for a pair whose responses are identical
+            token for token, or None when it must be computed from states.
+        compute: ``MeasureInput -> N`` floats.
+        description: one line for ``--help`` and the docs.
+    """
+
+    name: str
+    label: str
+    higher_is_riskier: bool
+    needs_model: bool
+    identical_value: float | None
+    compute: Callable[[MeasureInput], Sequence[float]]
+    description: str
 
 
 def levenshtein(a: Sequence[Hashable], b: Sequence[Hashable]) -> int:
@@ -66,7 +124,7 @@ def normalized_edit_distance(a: Sequence[Hashable], b: Sequence[Hashable]) -> fl
     return levenshtein(a, b) / longest if longest else 0.0
 
 
-def last_hidden_ip(last_chosen: torch.Tensor, last_rejected: torch.Tensor) -> torch.Tensor:
+def last_hidden_ip(last_chosen: "torch.Tensor", last_rejected: "torch.Tensor") -> "torch.Tensor":
     """Inner product of the last-response-position hidden states.
 
     Args:
@@ -76,4 +134,57 @@ def last_hidden_ip(last_chosen: torch.Tensor, last_rejected: torch.Tensor) -> to
     Returns:
         ``(N,)`` float64 ``<h+_last, h-_last>``.
     """
+    from .ches import inner_product
+
     return inner_product(last_chosen, last_rejected)
+
+
+def _ches(x: MeasureInput) -> list[float]:
+    from .ches import ches_from_sums
+
+    return ches_from_sums(x.states.s_chosen, x.states.s_rejected).tolist()
+
+
+def _ln_ches(x: MeasureInput) -> list[float]:
+    import torch
+
+    from .ches import ln_ches_from_sums
+
+    n_c = torch.tensor([len(c) for c in x.chosen])
+    n_r = torch.tensor([len(r) for r in x.rejected])
+    return ln_ches_from_sums(x.states.s_chosen, x.states.s_rejected, n_c, n_r).tolist()
+
+
+def _last_hidden_ip(x: MeasureInput) -> list[float]:
+    return last_hidden_ip(x.states.last_chosen, x.states.last_rejected).tolist()
+
+
+def _edit_distance(x: MeasureInput) -> list[float]:
+    return [normalized_edit_distance(c, r) for c, r in zip(x.chosen, x.rejected)]
+
+
+#: Every measure, in score-file column order.
+MEASURES: Registry[Measure] = Registry("measure", "--by")
+MEASURES.register("ches", Measure(
+    "ches", "CHES", True, True, 0.0, _ches, "<S+, S-> - ||S+||^2 (Razin et al.)"))
+MEASURES.register("ln_ches", Measure(
+    "ln_ches", "LN-CHES", True, True, 0.0, _ln_ches, "<S+, S->/(|y+||y-|) - ||S+||^2/|y+|^2"))
+MEASURES.register("last_hidden_ip", Measure(
+    "last_hidden_ip", "last hidden IP", True, True, None, _last_hidden_ip,
+    "<h+, h-> at the last response position (baseline)"))
+MEASURES.register("edit_distance", Measure(
+    "edit_distance", "edit distance", False, False, 0.0, _edit_distance,
+    "token edit distance / longer length (baseline; lower = riskier)"))
+
+#: What ``score`` computes when ``--measures`` is not given.
+DEFAULT_MEASURES = ("ches", "ln_ches")
+
+
+def risk_key(name: str, value: float) -> float:
+    """Sort key that puts the riskiest value of measure ``name`` last (ascending = safest first)."""
+    return value if MEASURES.get(name).higher_is_riskier else -value
+
+
+def compute_measures(names: Sequence[str], x: MeasureInput) -> dict[str, list[float]]:
+    """Every measure in ``names`` over one batch: ``{name: N floats}``."""
+    return {name: list(MEASURES.get(name).compute(x)) for name in names}

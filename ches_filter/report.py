@@ -29,17 +29,17 @@ from typing import Any, Sequence
 from . import __version__
 from .config import PruneConfig, ReportConfig, ScoreConfig
 from .errors import BadDataError, ChesFilterError
+from .measures import MEASURES
+from .select import kept_count, rank_scored
+from .stats import as_float_array as _array
+from .stats import QUANTILES, describe, rank_correlation
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["build_report", "summarize", "terminal_summary", "rank_correlation", "require_matplotlib", "REPORT_FILES"]
 
-#: Score columns the report knows, in display order (higher = riskier for the first three).
-KNOWN_MEASURES = ("ln_ches", "ches", "last_hidden_ip", "edit_distance")
 LENGTH_COLUMNS = ("prompt_tokens", "chosen_tokens", "rejected_tokens")
 REPORT_FILES = ("summary.json", "histogram.png", "length.png", "report.html")
-_QUANTILES = (("min", 0.0), ("q01", 0.01), ("q05", 0.05), ("q25", 0.25), ("median", 0.5),
-              ("q75", 0.75), ("q95", 0.95), ("q99", 0.99), ("max", 1.0))
 _MATPLOTLIB_HINT = "pip install 'ches-filter[report]'"
 
 
@@ -56,69 +56,6 @@ def require_matplotlib() -> None:
             "`ches-filter report` draws its plots with matplotlib, which is not installed; "
             f"install it with `{_MATPLOTLIB_HINT}` (or `pip install matplotlib`)"
         ) from None
-
-
-# ---------------------------------------------------------------------- maths
-def _array(values: Any) -> "np.ndarray":
-    """float64 numpy array, None -> NaN (accepts lists, numpy and Arrow arrays)."""
-    import numpy as np
-
-    if hasattr(values, "to_numpy") and not isinstance(values, np.ndarray):
-        import pyarrow as pa
-
-        values = values.cast(pa.float64()).fill_null(float("nan")).to_numpy()
-    elif not isinstance(values, np.ndarray):
-        values = [float("nan") if v is None else v for v in values]
-    return np.asarray(values, dtype=np.float64)
-
-
-def _ranks(values: "np.ndarray") -> "np.ndarray":
-    """1-based ranks, ties sharing their average rank."""
-    import numpy as np
-
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1]
-    ends = np.r_[starts[1:], len(values)]
-    ranks = np.empty(len(values))
-    ranks[order] = np.repeat((starts + ends - 1) / 2 + 1, ends - starts)
-    return ranks
-
-
-def rank_correlation(x: Any, y: Any) -> float | None:
-    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks.
-
-    Pairs where either value is None or NaN are left out.
-
-    Returns:
-        rho in [-1, 1], or None with fewer than 3 usable pairs or a constant side.
-    """
-    import numpy as np
-
-    x, y = _array(x), _array(y)
-    keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3:
-        return None
-    rx, ry = _ranks(x[keep]), _ranks(y[keep])
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    sxx, syy = float(rx @ rx), float(ry @ ry)
-    if sxx == 0 or syy == 0:
-        return None
-    return max(-1.0, min(1.0, float(rx @ ry) / math.sqrt(sxx * syy)))
-
-
-def describe(values: Any) -> dict:
-    """Count, mean and quantiles (numpy's linear interpolation) of the finite values ({"count": 0} if none)."""
-    import numpy as np
-
-    finite = _array(values)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return {"count": 0}
-    quantiles = np.quantile(finite, [q for _, q in _QUANTILES])
-    out: dict[str, Any] = {"count": int(finite.size), "mean": float(finite.mean())}
-    out.update({name: float(v) for (name, _), v in zip(_QUANTILES, quantiles)})
-    return out
 
 
 # ------------------------------------------------------------------- summary
@@ -160,7 +97,7 @@ def _load_scores(scores: Any) -> _Scores:
     else:
         table, meta = read_table(str(scores))
     missing = [c for c in ("row_index", "status") if c not in table.column_names]
-    if missing or not any(m in table.column_names for m in KNOWN_MEASURES):
+    if missing or not any(m in table.column_names for m in MEASURES.names()):
         raise BadDataError(
             f"{scores if not isinstance(scores, pa.Table) else 'the score table'} is not a score file: it lacks "
             f"{', '.join(missing) or 'any measure column'} (columns: {', '.join(table.column_names)}); "
@@ -169,7 +106,7 @@ def _load_scores(scores: Any) -> _Scores:
     status = table.column("status")
     counts = {str(item["values"]): int(item["counts"]) for item in pc.value_counts(status).to_pylist()}
     ok = pc.fill_null(pc.equal(status, "ok"), False).to_numpy(zero_copy_only=False).astype(bool)
-    columns = {c: _array(table.column(c)) for c in KNOWN_MEASURES + LENGTH_COLUMNS if c in table.column_names}
+    columns = {c: _array(table.column(c)) for c in MEASURES.names() + LENGTH_COLUMNS if c in table.column_names}
     row_index = np.asarray(table.column("row_index").to_numpy(zero_copy_only=False), dtype=np.int64)
     return _Scores(table, meta, row_index, ok, counts, columns)
 
@@ -195,28 +132,23 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
     if config.by not in cols:
         raise BadDataError(
             f"`--by {config.by}` names a measure the score file lacks (it has: "
-            f"{', '.join(m for m in KNOWN_MEASURES if m in cols)}); choose one of those"
+            f"{', '.join(m for m in MEASURES.names() if m in cols)}); choose one of those"
         )
     thresholds: dict[str, dict] = {}
-    for measure in ("ln_ches", "ches"):
-        if measure not in cols:
-            continue
-        values = loaded.scored(measure)
-        values = np.sort(values[np.isfinite(values)])
+    for measure in (m for m in MEASURES.names() if m in cols):
+        ranked, values, _ = rank_scored(loaded.table, measure)
         thresholds[measure] = {}
         for keep in config.keep:
-            n_keep = PruneConfig(keep=keep, by=measure).keep_n(len(values))
+            n_keep = kept_count(ranked, values, PruneConfig(keep=keep, by=measure))
             thresholds[measure][_keep_key(keep)] = {
-                "threshold": float(values[n_keep - 1]) if n_keep else None,
+                "threshold": float(values[ranked[n_keep - 1]]) if n_keep else None,
                 "kept": int(n_keep),
-                "dropped_high_score": int(len(values) - n_keep),
+                "dropped_high_score": int(len(ranked) - n_keep),
             }
-    by_values = cols[config.by]
-    usable = np.flatnonzero(loaded.ok & np.isfinite(by_values))
-    ranked = usable[np.lexsort((loaded.row_index[usable], by_values[usable]))]
+    ranked = rank_scored(loaded.table, config.by)[0]
     top = config.top
     length_corr = {}
-    for measure in ("ln_ches", "ches"):
+    for measure in (m for m in MEASURES.names() if m in cols):
         for length in ("chosen_tokens", "rejected_tokens"):
             if measure in cols and length in cols:
                 length_corr[f"{measure}~{length}"] = rank_correlation(loaded.scored(measure), loaded.scored(length))
@@ -232,7 +164,7 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
         "scored": int(loaded.ok.sum()),
         "counts": dict(sorted(loaded.counts.items(), key=lambda kv: (kv[0] != "ok", kv[0]))),
         "by": config.by,
-        "measures": {m: describe(loaded.scored(m)) for m in KNOWN_MEASURES if m in cols},
+        "measures": {m: describe(loaded.scored(m)) for m in MEASURES.names() if m in cols},
         "lengths": {c: describe(loaded.scored(c)) for c in LENGTH_COLUMNS if c in cols},
         "thresholds": thresholds,
         "length_spearman": length_corr,
@@ -250,7 +182,7 @@ def terminal_summary(summary: dict) -> list[str]:
     counts = summary["counts"]
     others = ", ".join(f"{k} {v}" for k, v in counts.items() if k != "ok")
     lines = [f"rows: {summary['rows']}, scored ok: {summary['scored']}" + (f" (not scored: {others})" if others else "")]
-    for measure in ("ln_ches", "ches"):
+    for measure in MEASURES.names():
         stats = summary["measures"].get(measure)
         if stats and stats.get("count"):
             lines.append(
@@ -258,10 +190,11 @@ def terminal_summary(summary: dict) -> list[str]:
                 f"max {stats['max']:.4g}"
             )
     by = summary["by"]
+    keeps_below = "<=" if MEASURES.get(by).higher_is_riskier else ">="
     for keep, info in (summary["thresholds"].get(by) or {}).items():
         thr = info["threshold"]
         lines.append(
-            f"--keep {keep}: {by} <= {thr:.6g}, keeps {info['kept']}, drops {info['dropped_high_score']} high-score"
+            f"--keep {keep}: {by} {keeps_below} {thr:.6g}, keeps {info['kept']}, drops {info['dropped_high_score']} high-risk"
             if thr is not None
             else f"--keep {keep}: keeps no scored pair"
         )
@@ -333,17 +266,17 @@ def _png(fig: Any) -> bytes:
 
 
 def plot_histogram(scores: _Scores, summary: dict) -> bytes:
-    """PNG: one histogram per measure (LN-CHES, CHES), prune thresholds marked."""
+    """PNG: one histogram per measure in the score file, prune thresholds marked."""
     import numpy as np
     from matplotlib.figure import Figure
 
-    measures = [m for m in ("ln_ches", "ches") if m in scores.columns]
+    measures = [m for m in MEASURES.names() if m in scores.columns]
     fig = Figure(figsize=(6.2 * len(measures), 4.2))
     axes = fig.subplots(1, len(measures), squeeze=False)[0]
     for ax, measure in zip(axes, measures):
         values = scores.scored(measure)
         values = values[np.isfinite(values)]
-        title = {"ln_ches": "LN-CHES", "ches": "CHES"}[measure]
+        title = MEASURES.get(measure).label
         if values.size == 0:
             ax.text(0.5, 0.5, "no scored pairs", ha="center", va="center", transform=ax.transAxes)
             ax.set_title(title)
@@ -356,7 +289,7 @@ def plot_histogram(scores: _Scores, summary: dict) -> bytes:
             title += " (asinh x-axis)"
         _threshold_lines(ax, summary, measure, vertical=True)
         ax.set_title(title)
-        ax.set_xlabel(f"{measure} (higher = more displacement risk)")
+        ax.set_xlabel(f"{measure} ({'higher' if MEASURES.get(measure).higher_is_riskier else 'lower'} = more displacement risk)")
         ax.set_ylabel("pairs")
         ax.legend(fontsize=8, loc="upper left", frameon=False)
     fig.suptitle(f"{summary['scored']} scored pairs", fontsize=10)
@@ -377,7 +310,7 @@ def plot_lengths(scores: _Scores, summary: dict, measure: str = "ln_ches") -> by
     from matplotlib.figure import Figure
 
     if measure not in scores.columns:
-        measure = "ches"
+        measure = next(m for m in MEASURES.names() if m in scores.columns)
     fig = Figure(figsize=(12.4, 4.2))
     axes = fig.subplots(1, 2, sharey=True)
     ys = scores.scored(measure)
@@ -423,7 +356,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     Raises:
         BadDataError: ``data`` is not the input the scores belong to.
     """
-    from .formats import Columns, normalize_row
+    from .formats import LAYOUTS, Columns, normalize_row
     from .scoring import input_fingerprint, load_input
 
     from .io import read_dataset
@@ -433,7 +366,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
         data = read_dataset(str(data), split=config.split, subset=config.subset)
     input_format = meta.get("input_format")
     names = data.column_names if hasattr(data, "column_names") else list(data[0]) if data else []
-    if input_format and input_format.startswith("implicit") and (stored.get("prompt") or "prompt") not in names:
+    if input_format in LAYOUTS and not LAYOUTS.get(input_format).needs_prompt and (stored.get("prompt") or "prompt") not in names:
         # Implicit layouts need no prompt column; let detection settle them
         # (scoring.load_input insists on the prompt column when a format is forced).
         input_format = None
@@ -514,7 +447,7 @@ def _pair_rows(scores: _Scores, summary: dict, which: str, excerpts: dict[int, d
     cols = scores.columns
     rows_wanted = summary[which]
     position = {int(scores.row_index[i]): int(i) for i in np.flatnonzero(np.isin(scores.row_index, rows_wanted))}
-    measures = [m for m in KNOWN_MEASURES if m in cols]
+    measures = [m for m in MEASURES.names() if m in cols]
     id_column = (scores.meta.get("columns") or {}).get("id")
     ids = None
     if id_column and id_column in scores.table.column_names and rows_wanted:
@@ -547,7 +480,7 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
     """The self-contained report page (plots as data URIs, every text HTML-escaped)."""
     by = summary["by"]
     count_rows = [[f"<td>{_esc(k)}</td>", f'<td class="num">{v}</td>'] for k, v in summary["counts"].items()]
-    q_names = ["count", "mean"] + [name for name, _ in _QUANTILES]
+    q_names = ["count", "mean"] + [name for name, _ in QUANTILES]
     stat_rows = []
     for name, stats in list(summary["measures"].items()) + list(summary["lengths"].items()):
         stat_rows.append([f"<td>{_esc(name)}</td>"] + [f'<td class="num">{_num(stats.get(q))}</td>' for q in q_names])
@@ -617,7 +550,7 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     excerpts = None
     if data is not None:
         excerpts = load_excerpts(data, loaded.meta, summary["highest"] + summary["lowest"], config)
-    images = {"histogram.png": plot_histogram(loaded, summary), "length.png": plot_lengths(loaded, summary)}
+    images = {"histogram.png": plot_histogram(loaded, summary), "length.png": plot_lengths(loaded, summary, summary["by"])}
     page = render_html(loaded, summary, images, excerpts)
     with atomic_path(str(output_dir)) as tmp:
         os.makedirs(tmp)

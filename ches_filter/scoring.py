@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from . import __version__
 from .config import ScoreConfig
 from .errors import BadDataError
-from .formats import ROW_STATUSES, Columns, Pair, detect_layout, normalize_row
+from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, detect_layout, normalize_row, required_columns, used_columns
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ __all__ = [
     "score_pairs",
     "PairScorer",
     "SCORE_STATUSES",
-    "SCORE_COLUMNS",
+    "TAIL_COLUMNS",
     "input_fingerprint",
     "load_input",
     "table_metadata",
@@ -44,30 +44,14 @@ __all__ = [
 
 #: Statuses the scorer adds to the per-row ones of :mod:`formats`.
 SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite")
-SCORE_COLUMNS = ("ches", "ln_ches", "prompt_tokens", "chosen_tokens", "rejected_tokens", "status")
-#: Arrow type of each column in :data:`SCORE_COLUMNS` (names of ``pyarrow`` factories).
-_COLUMN_TYPES = {
-    "ches": "float64",
-    "ln_ches": "float64",
-    "last_hidden_ip": "float64",
-    "edit_distance": "float64",
-    "prompt_tokens": "int64",
-    "chosen_tokens": "int64",
-    "rejected_tokens": "int64",
-    "status": "string",
-}
+#: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
+#: every measure column is float64.
+TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
 _SAMPLE_ROWS = 100
 
 
 def _columns(config: ScoreConfig) -> Columns:
     return Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.id_column)
-
-
-def _used_columns(layout: str, columns: Columns, available: list[str]) -> list[str]:
-    used = [columns.chosen, columns.rejected]
-    if layout.startswith("explicit") or columns.prompt in available:
-        used.insert(0, columns.prompt)
-    return [c for c in used if c in available]
 
 
 def _hash_rows(digest: "hashlib._Hash", chunk: dict, names: list[str]) -> None:
@@ -131,7 +115,7 @@ class _PageReleaser:
 
 def input_fingerprint(ds: Any, layout: str, columns: Columns, chunk_size: int = 4096) -> str:
     """SHA-256 over the used columns of every row: ties a score file to its input."""
-    names = _used_columns(layout, columns, ds.column_names)
+    names = used_columns(layout, columns, ds.column_names)
     digest = hashlib.sha256()
     for _, chunk in _iter_chunks(ds, names, chunk_size):
         _hash_rows(digest, chunk, names)
@@ -168,7 +152,7 @@ def load_input(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
         )
     if config.input_format is not None:
         layout = config.input_format
-        required = [columns.chosen, columns.rejected] + ([columns.prompt] if layout.startswith("explicit") else [])
+        required = required_columns(layout, columns)
         missing = [c for c in required if c not in ds.column_names]
         if missing:
             raise BadDataError(
@@ -271,7 +255,7 @@ class PairScorer:
         self.encoder = PairEncoder(
             model.tokenizer, use_chat_template=not config.no_chat_template, layout=config.layout, input_format=layout
         )
-        if not self.encoder.use_chat_template and layout.endswith("conversational"):
+        if not self.encoder.use_chat_template and LAYOUTS.get(layout).conversational:
             why = "`--no-chat-template` was given" if config.no_chat_template else "the model's tokenizer has no chat template"
             raise BadDataError(
                 f"the input is {layout} but {why}; conversational prompts need a chat template: use a model "
@@ -288,7 +272,7 @@ class PairScorer:
             pad_token_id=pad_id if pad_id is not None else model.tokenizer.eos_token_id,
             workers=config.engine_workers,
         )
-        self.names = _used_columns(layout, columns, ds.column_names)
+        self.names = used_columns(layout, columns, ds.column_names)
         self.read_names = self.names + ([columns.id] if columns.id and columns.id not in self.names else [])
         self.schema = self._schema()
 
@@ -305,8 +289,8 @@ class PairScorer:
             # even when one part holds only nulls.
             fields.append(pa.field(self.columns.id, self.ds.data.schema.field(self.columns.id).type))
         # The measures asked for (``--measures``), then the token counts and status.
-        names = self.config.measure_list + ("prompt_tokens", "chosen_tokens", "rejected_tokens", "status")
-        fields += [pa.field(name, getattr(pa, _COLUMN_TYPES[name])()) for name in names]
+        fields += [pa.field(name, pa.float64()) for name in self.config.measure_list]
+        fields += [pa.field(name, getattr(pa, kind)()) for name, kind in TAIL_COLUMNS.items()]
         return pa.schema(fields)
 
     def metadata(self, *, data: Any, fingerprint: str, counts: dict[str, int]) -> dict:
@@ -386,10 +370,8 @@ class PairScorer:
     def _score_chunk(self, prepared: _Prepared, chunk: dict, on_rows: Callable[[int], None] | None = None) -> Any:
         """One chunk's rows as an Arrow record batch of :attr:`schema`."""
         import pyarrow as pa
-        import torch
 
-        from .ches import ches_from_sums, ln_ches_from_sums
-        from .measures import last_hidden_ip, normalized_edit_distance
+        from .measures import MEASURES, MeasureInput, compute_measures
 
         n = len(prepared.statuses)
         encoded = prepared.encoded
@@ -397,40 +379,34 @@ class PairScorer:
         values: dict[str, list[float | None]] = {m: [None] * n for m in measures}
         ok = [i for i, enc in enumerate(encoded) if enc is not None and prepared.statuses[i] == "ok"]
         identical = [i for i, status in enumerate(prepared.statuses) if status == "identical_responses"]
+        # Identical responses: a measure with an exact value for them (S+ == S-
+        # gives CHES = LN-CHES = 0) takes it; the packed branches would only add
+        # float noise. The others are computed from the states like any pair.
+        exact = {m: MEASURES.get(m).identical_value for m in measures}
         for i in identical:
-            # S+ == S- exactly, so CHES and LN-CHES are exactly 0; the packed
-            # branches would only add float noise, so they are not used for them.
-            for m in ("ches", "ln_ches", "edit_distance"):
-                if m in values:
-                    values[m][i] = 0.0
-        if "edit_distance" in values:
-            for i in ok:
-                values["edit_distance"][i] = normalized_edit_distance(encoded[i].chosen, encoded[i].rejected)
-        from_states = [m for m in measures if m != "edit_distance"]
-        run = ok + (identical if "last_hidden_ip" in values else []) if from_states else []
+            for m, value in exact.items():
+                if value is not None:
+                    values[m][i] = value
+        needs_model = any(MEASURES.get(m).needs_model for m in measures)
+        run = ok + (identical if any(v is None for v in exact.values()) else [])
         if run:
-            states = self.engine.run([encoded[i] for i in run], on_progress=on_rows)
-            computed: dict[str, list[float]] = {}
-            if "ches" in values:
-                computed["ches"] = ches_from_sums(states.s_chosen, states.s_rejected).tolist()
-            if "ln_ches" in values:
-                n_c = torch.tensor([len(encoded[i].chosen) for i in run])
-                n_r = torch.tensor([len(encoded[i].rejected) for i in run])
-                computed["ln_ches"] = ln_ches_from_sums(states.s_chosen, states.s_rejected, n_c, n_r).tolist()
-            if "last_hidden_ip" in values:
-                computed["last_hidden_ip"] = last_hidden_ip(states.last_chosen, states.last_rejected).tolist()
+            chosen = [encoded[i].chosen for i in run]
+            rejected = [encoded[i].rejected for i in run]
+            states = self.engine.run([encoded[i] for i in run], on_progress=on_rows) if needs_model else None
+            computed = compute_measures(measures, MeasureInput(chosen, rejected, states))
             for j, i in enumerate(run):
                 if prepared.statuses[i] == "identical_responses":
-                    values["last_hidden_ip"][i] = computed["last_hidden_ip"][j]
+                    for m in measures:
+                        if exact[m] is None:
+                            values[m][i] = computed[m][j]
                 elif all(math.isfinite(computed[m][j]) for m in computed):
                     for m in computed:
                         values[m][i] = computed[m][j]
                 else:
                     prepared.statuses[i] = "non_finite"
-                    if "edit_distance" in values:
-                        values["edit_distance"][i] = None
-        if on_rows is not None and n > len(run):
-            on_rows(n - len(run))  # rows that needed no forward pass
+        forwarded = len(run) if needs_model else 0
+        if on_rows is not None and n > forwarded:
+            on_rows(n - forwarded)  # rows that needed no forward pass
         out: dict[str, list] = {
             "row_index": list(range(prepared.start, prepared.start + n)),
             **values,

@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import PruneConfig, ScoreConfig
 from .errors import BadDataError
+from .measures import MEASURES, risk_key
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ class Selection:
     Attributes:
         keep: one bool per input row, in input order.
         reason: ``None`` for kept rows, else ``high_score`` or the row's status.
-        threshold: the highest kept score (None if no scored row is kept).
+        threshold: the riskiest kept score (None if no scored row is kept).
         counts: dropped rows per reason.
         n_ok: rows with status ``ok``.
     """
@@ -46,13 +47,72 @@ class Selection:
         return sum(self.keep)
 
 
+def _check_columns(scores: Any, by: str) -> None:
+    if "row_index" not in scores.column_names or "status" not in scores.column_names:
+        raise BadDataError(
+            f"the score table lacks `row_index`/`status` (columns: {', '.join(scores.column_names)}); "
+            "was it written by `ches-filter score`?"
+        )
+    if by not in scores.column_names:
+        present = [m for m in MEASURES.names() if m in scores.column_names]
+        raise BadDataError(
+            f"the score table has no {by!r} column (measure columns present: {', '.join(present) or 'none'}); "
+            f"rank by one of those with `--by`, or rescore with `--measures {by}`"
+        )
+
+
+def rank_scored(scores: Any, by: str) -> tuple[Any, Any, Any]:
+    """The scored rows of a score table, safest first.
+
+    A row is scored when its status is ``ok`` and its ``by`` value is not null.
+    Ranking follows ``by``'s risk direction (:func:`ches_filter.measures.risk_key`),
+    ties broken by ``row_index``; one numpy sort, no Python object per row.
+
+    Args:
+        scores: a ``pyarrow.Table`` with ``row_index``, ``status`` and ``by``.
+        by: a measure name.
+
+    Returns:
+        ``(ranked, values, ok)``: positions of the scored rows ordered safest
+        first, the ``by`` column as float64 (NaN for null), and the scored mask.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    _check_columns(scores, by)
+    column = scores.column(by)
+    values = np.asarray(pc.fill_null(column.cast("float64"), float("nan")).to_numpy(zero_copy_only=False), dtype=np.float64)
+    valid = np.asarray(pc.is_valid(column).to_numpy(zero_copy_only=False), dtype=bool)
+    is_ok = np.asarray(pc.fill_null(pc.equal(scores.column("status"), SCORED_STATUS), False).to_numpy(zero_copy_only=False), dtype=bool)
+    ok = is_ok & valid
+    positions = np.flatnonzero(ok)
+    sign = 1.0 if MEASURES.get(by).higher_is_riskier else -1.0
+    row_index = np.asarray(scores.column("row_index").to_numpy(zero_copy_only=False), dtype=np.int64)
+    ranked = positions[np.lexsort((row_index[positions], sign * values[positions]))]
+    return ranked, values, ok
+
+
+def kept_count(ranked: Any, values: Any, config: PruneConfig) -> int:
+    """How many of the ``ranked`` rows (safest first) ``config`` keeps."""
+    import numpy as np
+
+    n_keep = config.keep_n(len(ranked))
+    if n_keep is not None:
+        return n_keep
+    risk = values[ranked] if MEASURES.get(config.by).higher_is_riskier else -values[ranked]
+    return int(np.searchsorted(risk, risk_key(config.by, config.max_score), side="right"))
+
+
 def select_rows(scores: Any, config: PruneConfig) -> Selection:
     """Keep the lowest-risk ``ok`` rows.
 
-    Rows are ranked by ``config.by`` ascending, ties broken by ``row_index``;
+    Rows are ranked safest first by ``config.by`` in its risk direction
+    (:func:`ches_filter.measures.risk_key`), ties broken by ``row_index``;
     ``keep``/``keep_count`` take the first n, ``max_score`` takes every row
-    whose score is ``<= T``. Rows whose status is not ``ok`` are dropped with
-    their status as reason, unless ``keep_unscored``.
+    no riskier than ``T`` (``<= T``, or ``>= T`` where lower is riskier).
+    Rows whose status is not ``ok`` are dropped with their status as reason
+    (``missing_score`` for an ``ok`` row without a ``by`` value), unless
+    ``keep_unscored``.
 
     Args:
         scores: a ``pyarrow.Table`` from :func:`~ches_filter.scoring.score_pairs`
@@ -62,33 +122,21 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
     Returns:
         The :class:`Selection`, in ``row_index`` order.
     """
-    for name in ("row_index", "status", config.by):
-        if name not in scores.column_names:
-            raise BadDataError(
-                f"the score table has no {name!r} column (columns: {', '.join(scores.column_names)}); "
-                "was it written by `ches-filter score`?"
-            )
-    row_index = scores.column("row_index").to_pylist()
+    row_index = scores.column("row_index").to_pylist() if "row_index" in scores.column_names else None
+    ranked, values, ok = rank_scored(scores, config.by)
     if row_index != list(range(len(row_index))):
         raise BadDataError("the score table's `row_index` is not 0..N-1 in order; it was edited or is incomplete")
     status = scores.column("status").to_pylist()
-    values = scores.column(config.by).to_pylist()
     n = len(status)
-    ok = [i for i in range(n) if status[i] == SCORED_STATUS and values[i] is not None]
-    ranked = sorted(ok, key=lambda i: (values[i], i))
-    n_keep = config.keep_n(len(ok))
-    if n_keep is None:
-        kept_ok = [i for i in ranked if values[i] <= config.max_score]
-    else:
-        kept_ok = ranked[:n_keep]
+    kept_ok = ranked[: kept_count(ranked, values, config)]
     keep = [False] * n
     reason: list[str | None] = [None] * n
-    for i in kept_ok:
+    for i in kept_ok.tolist():
         keep[i] = True
     for i in range(n):
         if keep[i]:
             continue
-        if status[i] == SCORED_STATUS and values[i] is not None:
+        if ok[i]:
             reason[i] = HIGH_SCORE
         elif config.keep_unscored:
             keep[i] = True
@@ -98,10 +146,9 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
     for r in reason:
         if r is not None:
             counts[r] = counts.get(r, 0) + 1
-    threshold = values[kept_ok[-1]] if kept_ok and n_keep is not None else (
-        max((values[i] for i in kept_ok), default=None)
-    )
-    return Selection(keep=keep, reason=reason, threshold=threshold, counts=counts, n_ok=len(ok))
+    # The riskiest kept score: the last of the kept rows, which are sorted safest first.
+    threshold = float(values[kept_ok[-1]]) if len(kept_ok) else None
+    return Selection(keep=keep, reason=reason, threshold=threshold, counts=counts, n_ok=len(ranked))
 
 
 @dataclass

@@ -470,7 +470,7 @@ _hhish = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    layout=st.sampled_from(LAYOUTS),
+    layout=st.sampled_from(LAYOUTS.names()),
     prompt=_junk,
     chosen=st.one_of(_junk, _hhish),
     rejected=st.one_of(_junk, _hhish),

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from ches_filter.cli import main
 from ches_filter.config import PruneConfig, ReportConfig
 from ches_filter.errors import BadDataError, BadFlagError, ChesFilterError
-from ches_filter.report import build_report, describe, rank_correlation, summarize, terminal_summary
+from ches_filter.report import build_report, summarize, terminal_summary
+from ches_filter.stats import describe, rank_correlation
 
 from conftest import REPO, read_hh
 
