@@ -68,6 +68,63 @@ def _autocast(device: Any, dtype: Any) -> Any:
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
+def _full_index(flat: Sequence[int], width: int, keep: int, device: Any) -> Any:
+    """Indices into the flattened ``(B, width)`` states of positions given as indices into the ``(B, keep)`` tail."""
+    import torch
+
+    first = width - keep
+    return torch.tensor([(i // keep) * width + first + i % keep for i in flat], device=device)
+
+
+def _head(lm: Any, states: Any) -> Any:
+    """Logits of the causal LM for final hidden states: its LM head plus the output scalings transformers applies."""
+    import torch
+
+    logits = lm.get_output_embeddings()(states)
+    config = lm.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * config.logit_scale
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    return logits
+
+
+def _head_is_exact(lm: Any, device: Any) -> bool:
+    """Whether decoder + :func:`_head` reproduce the model's own logits (checked once per model on a short random input).
+
+    Computing the head only at the response-predicting positions saves most
+    of the LM head's cost (vocabulary x hidden per position); a model whose
+    forward does more than :func:`_head` knows is caught here and gets its
+    own forward (logits for the batch's tail) instead.
+    """
+    import torch
+
+    cached = getattr(lm, "_ches_filter_head_exact", None)
+    if cached is not None:
+        return cached
+    vocab = int(getattr(lm.config, "vocab_size", 1000))
+    ids = torch.randint(4, max(5, vocab), (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            full = lm(input_ids=ids, use_cache=False).logits[0].float()
+            base = lm.base_model(input_ids=ids, use_cache=False)
+            states = base[0] if isinstance(base, tuple) else base.last_hidden_state
+            mine = _head(lm, states[0]).float()
+        err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-12))
+        dtype = next(lm.parameters()).dtype
+        exact = err <= (1e-4 if dtype in (torch.float32, torch.float64) else 2e-2)
+    except Exception:  # noqa: BLE001 - any mismatch of structure means: use the model's own forward
+        exact = False
+    try:
+        lm._ches_filter_head_exact = exact
+    except AttributeError:
+        pass
+    return exact
+
+
 def pair_logprobs(
     lm: Any,
     pairs: Sequence[Any],
@@ -145,31 +202,40 @@ def pair_logprobs(
         segment += [s] * len(resp)
         targets += list(resp)
 
-    captured: dict[str, Any] = {}
-    hook = None
-    if hidden:
-        def keep_hidden(_module, _args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        hook = lm.base_model.register_forward_hook(keep_hidden)
-    try:
-        with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
-            logits = lm(
-                input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device),
-                use_cache=False, logits_to_keep=keep,
-            ).logits
-        with torch.set_grad_enabled(grad):
-            flat_t = torch.tensor(flat, device=logits.device)
-            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_t)
-            if picked.dtype in (torch.float16, torch.bfloat16):
-                picked = picked.float()
-            token_logp = -F.cross_entropy(picked, torch.tensor(targets, device=logits.device), reduction="none")
-            sums = torch.zeros(len(sides), dtype=picked.dtype, device=logits.device).index_add(
-                0, torch.tensor(segment, device=logits.device), token_logp
+    flat_t = torch.tensor(flat, device=device)
+    target_t = torch.tensor(targets, device=device)
+    segment_t = torch.tensor(segment, device=device)
+    states = None
+    with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
+        if _head_is_exact(lm, device):
+            # The decoder, then the LM head on the response-predicting positions only.
+            base = lm.base_model(
+                input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device), use_cache=False,
             )
-    finally:
-        if hook is not None:
-            hook.remove()
+            states = base[0] if isinstance(base, tuple) else base.last_hidden_state
+            picked = _head(lm, states.reshape(-1, states.shape[-1]).index_select(0, _full_index(flat, width, keep, device)))
+        else:
+            captured: dict[str, Any] = {}
+
+            def keep_hidden(_module, _args, output):
+                captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+            hook = lm.base_model.register_forward_hook(keep_hidden) if hidden else None
+            try:
+                logits = lm(
+                    input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device),
+                    use_cache=False, logits_to_keep=keep,
+                ).logits
+            finally:
+                if hook is not None:
+                    hook.remove()
+            states = captured.get("hidden")
+            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_t)
+    with torch.set_grad_enabled(grad):
+        if picked.dtype in (torch.float16, torch.bfloat16):
+            picked = picked.float()
+        token_logp = -F.cross_entropy(picked, target_t, reduction="none")
+        sums = torch.zeros(len(sides), dtype=picked.dtype, device=device).index_add(0, segment_t, token_logp)
     out = PairLogProbs(
         chosen=sums[0::2] if grad else sums[0::2].detach(),
         rejected=sums[1::2] if grad else sums[1::2].detach(),
@@ -177,7 +243,7 @@ def pair_logprobs(
         rejected_tokens=[len(p.rejected) for p in pairs],
     )
     if hidden:
-        states = captured["hidden"].detach()
+        states = states.detach()
         per_side = []
         for row, start, branch, resp in sides:
             index = torch.tensor([start] + list(range(branch, branch + len(resp) - 1)), device=states.device)
