@@ -263,11 +263,12 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
 @click.option("--excerpt-chars", type=int, default=400, show_default=True, help="Characters of each prompt/response excerpt.")
 @click.option("--split", default=None, help="Split of --data, as for `score`.")
 @click.option("--subset", default=None, help="Configuration (subset) of a Hub --data.")
+@click.option("--validate", "validate_dir", default=None, help="An OUTPUT directory of `ches-filter validate`: adds its table, verdicts and plot.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No info logs.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logs.")
 @_guarded
-def report(scores: str, output: str, data: str | None, overwrite: bool, quiet: bool, verbose: bool, **kwargs: Any) -> None:
+def report(scores: str, output: str, data: str | None, validate_dir: str | None, overwrite: bool, quiet: bool, verbose: bool, **kwargs: Any) -> None:
     """Summarise a score file from `ches-filter score` as plots, tables and an HTML page in OUTPUT.
 
     Needs matplotlib: pip install 'ches-filter[report]'.
@@ -279,7 +280,7 @@ def report(scores: str, output: str, data: str | None, overwrite: bool, quiet: b
     from .report import build_report, require_matplotlib, terminal_summary
 
     require_matplotlib()
-    summary = build_report(scores, output, config, data=data, overwrite=overwrite)
+    summary = build_report(scores, output, config, data=data, overwrite=overwrite, validate=validate_dir)
     for line in terminal_summary(summary):
         click.echo(line)
     click.echo(f"report -> {output}/report.html")
