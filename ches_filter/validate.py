@@ -79,9 +79,14 @@ class SubsetPlan:
 
 
 def _slice(ranked: Sequence[int], n: int, centre: float) -> list[int]:
-    """``n`` consecutive items of ``ranked`` centred on fractional position ``centre`` in [0, 1], clamped to the ends."""
-    start = int(round(centre * (len(ranked) - 1) - (n - 1) / 2))
-    start = min(max(start, 0), len(ranked) - n)
+    """``n`` consecutive items of ``ranked`` around quantile ``centre`` in [0, 1], clamped to the ends.
+
+    The official code's rule (``__quantile_slice``): centre index
+    ``round(q·(len-1))``, start ``n // 2`` before it.
+    """
+    idx = int(round(centre * (len(ranked) - 1)))
+    start = max(0, idx - n // 2)
+    start = max(0, min(start, len(ranked) - n))
     return list(ranked[start : start + n])
 
 
