@@ -206,8 +206,9 @@ def pair_logprobs(
     target_t = torch.tensor(targets, device=device)
     segment_t = torch.tensor(segment, device=device)
     states = None
+    head_only = _head_is_exact(lm, device)  # checked once per model, outside autocast
     with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
-        if _head_is_exact(lm, device):
+        if head_only:
             # The decoder, then the LM head on the response-predicting positions only.
             base = lm.base_model(
                 input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device), use_cache=False,

@@ -190,7 +190,10 @@ class _Trainer:
             p.requires_grad_(True)
         self.initial = [p.detach().to("cpu", copy=True) for p in self.params]
         if config.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5 name
+                self.lm.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.lm.train()  # transformers checkpoints only in training mode
         else:
             self.lm.eval()
@@ -598,7 +601,7 @@ def run_validate(
         for p in trainer.params:
             p.requires_grad_(False)
         if config.gradient_checkpointing:
-            model.decoder.gradient_checkpointing_disable()
+            (getattr(model.decoder, "activation_checkpointing_disable", None) or model.decoder.gradient_checkpointing_disable)()
         model.decoder.eval()
 
     records = []

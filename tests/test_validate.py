@@ -188,6 +188,24 @@ def test_micro_batches_give_the_batch_gradient():
         assert results[0][row] == pytest.approx(results[1][row], rel=1e-10)
 
 
+def test_gradient_checkpointing_takes_the_same_steps():
+    """Same numbers with `--gradient-checkpointing`, which turns transformers' checkpointing on (training mode)."""
+    lm = tiny_causal_llama(torch.float64)
+    pairs = {i: p for i, p in enumerate(random_pairs(4))}
+    results = []
+    for checkpointing in (False, True):
+        trainer = _trainer(lm, optimizer="adam", lr=1e-3, subset_size=4, batch_size=2, gradient_checkpointing=checkpointing)
+        assert all(layer.gradient_checkpointing == checkpointing for layer in lm.model.layers)
+        assert lm.training == checkpointing
+        ref = trainer.evaluate(list(pairs), pairs)
+        trainer.train(list(pairs), 0, pairs, ref)
+        results.append(trainer.evaluate(list(pairs), pairs))
+        trainer.restore()
+    for row in pairs:
+        assert results[0][row] == pytest.approx(results[1][row], rel=1e-9)
+    assert results[0] != ref
+
+
 # ------------------------------------------------------------------ subsets
 def _score_table(n=40, missing=()):
     import pyarrow as pa
