@@ -4,7 +4,10 @@
 #   2. SmolLM2-135M in bfloat16: engine vs paper, and bf16-vs-fp32 agreement of the engine's scores;
 #   3. a random-init Llama-1B-shaped model in bfloat16: the same, and MFU at 1B scale;
 #   4. SmolLM2 bf16 with 2 engine workers (engine only): does overlapping host work help?
-#   5. the 1B model with the KV-cache `prefix` strategy instead of `packed` (engine only).
+#   5. the 1B model with the KV-cache `prefix` strategy instead of `packed` (engine only);
+#   6. `ches-filter validate` (benchmarks/bench_validate.py) on the random-init Llama-1B shape,
+#      bf16 autocast over float32 weights: time and peak memory of the subset training
+#      (a random model's numbers say nothing about displacement).
 # Each step is `benchmarks/bench_score.py` (see its docstring for what is measured);
 # its log and a JSON of the numbers go to $OUT (default ./gpu_check_out).
 #
@@ -57,12 +60,25 @@ step smollm2-bf16-2workers --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --wo
 # The KV-cache prefix strategy, engine only: on CPU packed wins; on a GPU it may not.
 step llama1b-bf16-prefix --dtype bfloat16 --n "$N_BIG" --repeat "$REPEAT" --random-init llama-1b --engine prefix --skip-paper
 
+# 6. validate: CHES x top/bottom, n = N_VALIDATE pairs each, eval 64, one epoch of Adam.
+N_VALIDATE=${N_VALIDATE:-64}
+echo "=== validate-llama1b-bf16: bench_validate.py"
+VDTYPE=bfloat16; [ "$DEVICE" = cuda ] || VDTYPE=float32
+timeout "$STEP_TIMEOUT" python benchmarks/bench_validate.py --random-init llama-1b --device "$DEVICE" --dtype "$VDTYPE" \
+    --n "$N_VALIDATE" --eval "${N_VALIDATE_EVAL:-64}" --out "$OUT/validate-llama1b" --json "$OUT/validate-llama1b-bf16.json" 2>&1 \
+    | grep -v -e "Loading weights" -e "it/s]" -e "step/s]" | tee "$OUT/validate-llama1b-bf16.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "=== validate-llama1b-bf16 failed"; status=1; }
+
 echo "=== summary"
 python - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 for path in sorted(Path(sys.argv[1]).glob("*.json")):
     r = json.loads(path.read_text())
+    if path.stem.startswith("validate"):
+        print(f"{path.stem:<22} {r['seconds']:.0f} s, peak {r['peak_gib'] or 0:.1f} GiB, {r['logprob_path']} log-probs, "
+              f"autocast {r['autocast']}, {r['trainings']} trainings of {r['steps_per_training']} steps")
+        continue
     e, p = r.get("engine", {}), r.get("paper", {})
     line = (f"{path.stem:<22} {r.get('engine_strategy', '?'):<6} w{r.get('workers', '?')} {e.get('pairs_per_s', 0):8.1f} pairs/s "
             f"({100 * e.get('useful_fraction_of_peak', 0):4.1f}% of {r['matmul_peak_flop_per_s'] / 1e12:.3g} TFLOP/s peak)")

@@ -341,11 +341,12 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
 @click.option("--excerpt-chars", type=int, default=400, show_default=True, help="Characters of each prompt/response excerpt.")
 @click.option("--split", default=None, help="Split of --data, as for `score`.")
 @click.option("--subset", default=None, help="Configuration (subset) of a Hub --data.")
+@click.option("--validate", "validate_dir", default=None, help="An OUTPUT directory of `ches-filter validate`: adds its table, verdicts and plot.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
 @click.option("--quiet", "-q", is_flag=True, default=False, help="No info logs.")
 @click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logs.")
 @_guarded
-def report(scores: str, output: str, data: str | None, overwrite: bool, quiet: bool, verbose: bool, **kwargs: Any) -> None:
+def report(scores: str, output: str, data: str | None, validate_dir: str | None, overwrite: bool, quiet: bool, verbose: bool, **kwargs: Any) -> None:
     """Summarise a score file from `ches-filter score` as plots, tables and an HTML page in OUTPUT.
 
     Needs matplotlib: pip install 'ches-filter[report]'.
@@ -357,7 +358,7 @@ def report(scores: str, output: str, data: str | None, overwrite: bool, quiet: b
     from .report import build_report, require_matplotlib, terminal_summary
 
     require_matplotlib()
-    summary = build_report(scores, output, config, data=data, overwrite=overwrite)
+    summary = build_report(scores, output, config, data=data, overwrite=overwrite, validate=validate_dir)
     for line in terminal_summary(summary):
         click.echo(line)
     click.echo(f"report -> {output}/report.html")
@@ -405,6 +406,50 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
         click.echo(line)
     if output is not None:
         click.echo(f"{table.num_rows} pairs -> {output}")
+
+
+@main.command()
+@click.argument("input")
+@click.option("--output", "-o", required=True, help="Directory to create: validate.parquet, summary.json, validate.png (and scores.parquet without --scores).")
+@click.option("--scores", default=None, help="Reuse a score file from `ches-filter score` for this INPUT instead of scoring it.")
+@click.option("--by", default="ches,ln_ches", show_default=True, help="Comma-separated measures that rank the pairs, each in its risk direction: " + ", ".join(f"{m.name} ({'higher' if m.higher_is_riskier else 'lower'} = riskier)" for m in MEASURES.values()) + ".")
+@click.option("--subsets", default="top,bottom,random", show_default=True, help="Comma-separated: top (riskiest n), bottom (safest n), median (n around the median), random (seeded; trained once for every measure).")
+@click.option("--quantiles", default=None, help="Also n-pair slices centred on these quantiles of the risk ranking (0 = safest, 1 = riskiest), e.g. 0,0.5,1.")
+@click.option("--subset-size", type=int, default=64, show_default=True, help="Pairs per subset (n).")
+@click.option("--eval-size", type=int, default=64, show_default=True, help="Held-out pairs (seeded, in no subset) whose change is measured too.")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per subset (batch order, random subset); >1 gives the seed spread.")
+@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over each subset.")
+@click.option("--beta", type=float, default=0.1, show_default=True, help="DPO beta (reference = the initial model).")
+@click.option("--optimizer", type=click.Choice(("adam", "rmsprop", "sgd")), default="adam", show_default=True, help="adam and rmsprop with torch's defaults besides --lr.")
+@click.option("--lr", type=float, default=5e-6, show_default=True, help="Learning rate (the default suits adam; see docs/validate.md).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per optimizer step (mean loss over the batch).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the eval draw, the random subset and the batch order.")
+@click.option("--gradient-checkpointing", is_flag=True, default=False, help="Recompute activations in the backward pass: less memory, slower.")
+@click.option("--overwrite", is_flag=True, default=False, help="Allow an existing OUTPUT directory (its files are replaced).")
+@score_options
+@_guarded
+def validate(input: str, output: str, scores: str | None, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
+    """Train DPO on the riskiest, safest and random subsets of INPUT's pairs and compare what happens to log p(y+).
+
+    The paper's subset experiment on your own model: for each --by measure, each subset is trained for
+    --epochs of DPO from the same initial model; the change of log p(y+|x) over the subset and over a
+    held-out eval set is reported per subset, with a verdict line. Scores INPUT first (into
+    OUTPUT/scores.parquet) unless --scores is given. The policy is float32 (--dtype bfloat16 runs
+    under autocast with float32 weights). See docs/validate.md.
+    """
+    from .config import ValidateConfig
+
+    validate_config, rest = _build(ValidateConfig, kwargs)
+    config, _ = _build(ScoreConfig, rest)
+    _setup_logging(config.quiet, verbose)
+    from .validate import run_validate
+
+    summary = run_validate(input, output, validate_config, config, scores=scores, overwrite=overwrite)
+    for line in summary["table"]:
+        click.echo(line)
+    for line in summary["verdicts"]:
+        click.echo(line)
+    click.echo(f"validate -> {output} ({summary['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":  # pragma: no cover

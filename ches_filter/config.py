@@ -258,3 +258,113 @@ class DisplacementConfig:
             value = getattr(self, flag)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (value > 0) or value == float("inf"):
                 raise BadFlagError(f"`--{flag}` must be a positive number, got {value!r}")
+
+
+#: Subsets ``validate --subsets`` can train on.
+VALIDATE_SUBSETS = ("top", "bottom", "median", "random")
+VALIDATE_OPTIMIZERS = ("adam", "rmsprop", "sgd")
+
+
+def _name_list(flag: str, value, choices, *, allow_empty: bool = False) -> str:
+    """Canonical comma-separated list (given order, duplicates dropped), each name one of ``choices``."""
+    names = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(n).strip() for n in names if str(n).strip()]
+    unknown = [n for n in names if n not in choices]
+    if unknown or (not names and not allow_empty):
+        got = ", ".join(unknown) if unknown else "nothing"
+        raise BadFlagError(
+            f"`--{flag}` got {got}; give a comma-separated list of: {', '.join(choices)} (e.g. `--{flag} {choices[0]},{choices[1]}`)"
+        )
+    return ",".join(dict.fromkeys(names))
+
+
+def _number(flag: str, value, *, positive: bool) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or value in (float("inf"), float("-inf")):
+        raise BadFlagError(f"`--{flag}` must be a finite number, got {value!r}")
+    if positive and not value > 0:
+        raise BadFlagError(f"`--{flag}` must be a positive number, got {value!r}")
+
+
+def _whole(flag: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BadFlagError(f"`--{flag}` must be a whole number >= {minimum}, got {value!r}")
+
+
+@dataclass
+class ValidateConfig:
+    """What ``ches-filter validate`` trains on and how (the paper's subset experiment).
+
+    Attributes:
+        by: comma-separated measures that rank the pairs, each in its risk direction.
+        subsets: comma-separated subsets per measure: ``top`` (riskiest n),
+            ``bottom`` (safest n), ``median`` (n centred on the median), ``random``
+            (seeded, measure-independent: trained once and reported for every measure).
+        quantiles: optional comma-separated quantiles in [0, 1] of the risk ranking
+            (0 = safest, 1 = riskiest); each adds an n-pair slice centred there (``q0.5``).
+        subset_size: n, pairs per subset.
+        eval_size: held-out pairs (seeded, disjoint from every subset) whose change is measured too.
+        repeats: seeds per subset (``seed``, ``seed + 1``, ...): batch order and the random subset.
+        epochs: passes over each subset.
+        beta: DPO's beta (reference = the initial model).
+        optimizer: ``adam`` (torch defaults), ``rmsprop`` or ``sgd``.
+        lr: learning rate.
+        batch_size: pairs per optimizer step (mean loss over the batch).
+        seed: base seed of the eval draw, the random subset and the batch order.
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
+    """
+
+    by: str = "ches,ln_ches"
+    subsets: str = "top,bottom,random"
+    quantiles: str | None = None
+    subset_size: int = 64
+    eval_size: int = 64
+    repeats: int = 1
+    epochs: int = 1
+    beta: float = 0.1
+    optimizer: str = "adam"
+    lr: float = 5e-6
+    batch_size: int = 8
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        self.by = _name_list("by", self.by, MEASURES.names())
+        self.subsets = _name_list("subsets", self.subsets, VALIDATE_SUBSETS, allow_empty=self.quantiles is not None)
+        if self.quantiles is not None:
+            raw = self.quantiles.split(",") if isinstance(self.quantiles, str) else list(self.quantiles)
+            try:
+                values = [float(q) for q in raw if str(q).strip()]
+            except ValueError:
+                values = None
+            if not values or any(not (0.0 <= q <= 1.0) for q in values):
+                raise BadFlagError(
+                    f"`--quantiles` got {self.quantiles!r}; give comma-separated numbers in [0, 1] "
+                    "(0 = safest, 1 = riskiest), e.g. `--quantiles 0,0.5,1`"
+                )
+            self.quantiles = ",".join(dict.fromkeys(format(q, "g") for q in values))
+        if not self.subsets and not self.quantiles:
+            raise BadFlagError("nothing to train on: give `--subsets` (top, bottom, median, random) or `--quantiles`")
+        _whole("subset-size", self.subset_size, 1)
+        _whole("eval-size", self.eval_size, 0)
+        _whole("repeats", self.repeats, 1)
+        _whole("epochs", self.epochs, 1)
+        _whole("batch-size", self.batch_size, 1)
+        _whole("seed", self.seed, 0)
+        _number("beta", self.beta, positive=True)
+        _number("lr", self.lr, positive=True)
+        _choice("optimizer", self.optimizer, VALIDATE_OPTIMIZERS)
+        if self.subset_size < self.batch_size:
+            raise BadFlagError(
+                f"`--subset-size {self.subset_size}` is smaller than `--batch-size {self.batch_size}`: a subset "
+                "would not fill one optimizer step; raise `--subset-size` or lower `--batch-size`"
+            )
+
+    @property
+    def by_list(self) -> tuple[str, ...]:
+        return tuple(self.by.split(","))
+
+    @property
+    def subset_names(self) -> tuple[str, ...]:
+        """Every subset per measure: the named ones, then ``q<quantile>`` slices."""
+        named = tuple(s for s in self.subsets.split(",") if s)
+        return named + tuple(f"q{q}" for q in (self.quantiles.split(",") if self.quantiles else ()))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import __version__
+from .batching import EncodedPair
 from .config import DisplacementConfig, ScoreConfig
 from .errors import BadDataError, BadFlagError
 from .formats import LAYOUTS
@@ -96,36 +97,29 @@ class PairProbe:
         self.params = [p for p in lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
+        from .logprobs import packed_is_exact
+
+        #: log-probs from one tree-masked row per pair where the scoring engine's self-check says it is exact.
+        self.packed = packed_is_exact(lm, self.device)
 
     # ---------------------------------------------------------------- forward
     def side(self, prompt: Sequence[int], response: Sequence[int], *, grad: bool) -> SideOutput:
         """``log π(response | prompt)`` and the response-position hidden states.
 
-        The input is ``P + R[:-1]``: the last response token (EOS in the
-        paper layout) is only ever predicted, as in the scoring engine.
+        Computed by the package's one log-prob function
+        (:func:`ches_filter.logprobs.pair_logprobs`) on the pair ``(prompt,
+        response, response[-1:])``: the second branch is the final token only,
+        which adds no input position. The input is ``P + R[:-1]``: the last
+        response token (EOS in the paper layout) is only ever predicted, as in
+        the scoring engine.
         """
-        import torch
+        out = self._logprobs([EncodedPair(tuple(prompt), tuple(response), tuple(response[-1:]))], grad=grad, hidden=True)
+        return SideOutput(out.chosen[0], out.hidden_chosen[0])
 
-        ids = torch.tensor([list(prompt) + list(response[:-1])], device=self.device)
-        captured: dict[str, Any] = {}
+    def _logprobs(self, pairs: Sequence[Any], *, grad: bool, hidden: bool = False) -> Any:
+        from .logprobs import pair_logprobs
 
-        def keep(_module, _args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-        hook = self.base.register_forward_hook(keep)
-        try:
-            with torch.set_grad_enabled(grad):
-                # Only the last |R| positions predict response tokens; skip the rest of the LM head.
-                logits = self.lm(input_ids=ids, use_cache=False, logits_to_keep=len(response)).logits[0, -len(response):]
-                if logits.dtype in (torch.float16, torch.bfloat16):
-                    logits = logits.float()
-                target = torch.tensor(list(response), device=logits.device)
-                logp = torch.log_softmax(logits, -1).gather(-1, target[:, None]).sum()
-        finally:
-            hook.remove()
-        p = len(prompt)
-        hidden = captured["hidden"][0, p - 1 : p - 1 + len(response)].detach().to(torch.float64)
-        return SideOutput(logp if grad else logp.detach(), hidden)
+        return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device)
 
     def _grad(self, scalar: Any) -> tuple:
         import torch
@@ -229,15 +223,17 @@ class PairProbe:
 
         saved = [p.detach().clone() for p in self.params]
         try:
+            pair = [EncodedPair(tuple(prompt), tuple(chosen), tuple(rejected))]
             if ref_logps is None:
-                ref_logps = (float(self.side(prompt, chosen, grad=False).logp), float(self.side(prompt, rejected, grad=False).logp))
+                ref = self._logprobs(pair, grad=False)
+                ref_logps = (float(ref.chosen[0]), float(ref.rejected[0]))
             ref_c, ref_r = ref_logps
             watch = dict(watch or {})
             lost = wanted = 0.0
             before = {name: float(self.side(prompt, ids, grad=False).logp) for name, ids in watch.items()}
             for _ in range(steps):
-                plus = self.side(prompt, chosen, grad=True).logp
-                minus = self.side(prompt, rejected, grad=True).logp
+                both = self._logprobs(pair, grad=True)
+                plus, minus = both.chosen[0], both.rejected[0]
                 loss = -F.logsigmoid(beta * ((plus - ref_c) - (minus - ref_r)))
                 grads = self._grad(loss)
                 with torch.no_grad():
@@ -247,9 +243,9 @@ class PairProbe:
                         part_lost, part_wanted = _sgd_update(p, g, lr)
                         lost += part_lost
                         wanted += part_wanted
-                del grads, plus, minus, loss
-            after_c = self.side(prompt, chosen, grad=False).logp
-            after_r = self.side(prompt, rejected, grad=False).logp
+                del grads, plus, minus, loss, both
+            after = self._logprobs(pair, grad=False)
+            after_c, after_r = after.chosen[0], after.rejected[0]
             out = {
                 "dlogp_chosen": float(after_c) - ref_c,
                 "dlogp_rejected": float(after_r) - ref_r,

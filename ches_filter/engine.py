@@ -57,7 +57,7 @@ from .strategies import ENGINE_CHOICES, STRATEGIES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "PairStates", "STRATEGIES", "packed_support"]
+__all__ = ["Engine", "PairStates", "STRATEGIES", "packed_support", "packed_rows", "tree_mask"]
 
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
@@ -114,6 +114,88 @@ def _sliding_window(config: Any) -> int | None:
     if not window or getattr(config, "use_sliding_window", True) is False:
         return None
     return int(window)
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window the model's sliding layers use (None when it has none)."""
+    return _sliding_window(config)
+
+
+def packed_rows(pairs: Sequence[EncodedPair], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, branch tags and position ids of packed rows ``[P | R+[:-1] | R-[:-1]]`` (right-padded).
+
+    Returns:
+        ``(ids, tags, positions)``, each ``(B, L)`` long on the CPU; the rejected
+        branch's positions restart at ``|P|`` (see the module docstring).
+    """
+    length = max(p.packed_length for p in pairs)
+    bsz = len(pairs)
+    ids = torch.full((bsz, length), pad_token_id, dtype=torch.long)
+    tags = torch.full((bsz, length), _PAD, dtype=torch.long)
+    positions = torch.zeros((bsz, length), dtype=torch.long)
+    for b, pair in enumerate(pairs):
+        p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+        ids[b, : pair.packed_length] = torch.tensor(list(pair.prompt) + list(pair.chosen[:-1]) + list(pair.rejected[:-1]))
+        tags[b, :p] = _PROMPT
+        tags[b, p : p + c - 1] = _CHOSEN
+        tags[b, p + c - 1 : p + c + r - 2] = _REJECTED
+        positions[b, :p] = torch.arange(p)
+        positions[b, p : p + c - 1] = torch.arange(p, p + c - 1)
+        positions[b, p + c - 1 : p + c + r - 2] = torch.arange(p, p + r - 1)
+    return ids, tags, positions
+
+
+def tree_mask(
+    q_tags: torch.Tensor,
+    q_pos: torch.Tensor,
+    k_tags: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    device: Any,
+    dtype: torch.dtype,
+    window: int | None,
+    layer_types: Sequence[str] | None,
+    offset: int = 0,
+) -> Any:
+    """Additive ``(B, 1, Lq, Lk)`` tree mask (a dict by layer type when windows differ).
+
+    Query ``i`` sits at row index ``offset + i`` among the keys (``offset``
+    is the number of cached keys). A query attends to an earlier-or-equal
+    key that is a prompt token or in its own branch; a padding query
+    attends to itself only, so no softmax row is empty (NaN).
+
+    Args:
+        q_tags: ``(B, Lq)`` branch tag of each query (prompt, chosen, rejected, pad).
+        q_pos: ``(B, Lq)`` logical position of each query.
+        k_tags: ``(B, Lk)``.
+        k_pos: ``(B, Lk)``.
+        device: where the mask is built.
+        dtype: the mask's dtype (0 allowed, the dtype's minimum elsewhere).
+        window: sliding window of the model's sliding layers, or None.
+        layer_types: ``config.layer_types`` (None: one mask for every layer).
+        offset: row index of the first query among the keys.
+    """
+    dev = torch.device(device)
+    q_tags, q_pos, k_tags, k_pos = (t.to(dev) for t in (q_tags, q_pos, k_tags, k_pos))
+    q_idx = torch.arange(q_tags.shape[1], device=dev)[:, None] + offset
+    k_idx = torch.arange(k_tags.shape[1], device=dev)[None, :]
+    tq, tk = q_tags[:, :, None], k_tags[:, None, :]
+    allowed = (q_idx >= k_idx) & (tq != _PAD) & ((tk == _PROMPT) | (tq == tk))
+    allowed |= q_idx == k_idx
+    masks = {"full_attention": allowed}
+    if window is not None:
+        # Same rule as transformers' sliding-window masks (kv > q - window),
+        # on logical positions, which restart for the rejected branch.
+        masks["sliding_attention"] = allowed & ((q_pos[:, :, None] - k_pos[:, None, :]) < window)
+    minimum = torch.finfo(dtype).min
+    masks = {
+        k: torch.zeros(v.shape, dtype=dtype, device=dev).masked_fill_(~v, minimum).unsqueeze(1)
+        for k, v in masks.items()
+    }
+    if layer_types is not None:
+        return {t: masks.get(t, masks["full_attention"]) for t in set(layer_types)}
+    # No per-layer types: a configured window applies to every layer.
+    return masks.get("sliding_attention", masks["full_attention"])
 
 
 def _cache_argument(decoder: Any) -> str | None:
@@ -361,63 +443,23 @@ class Engine:
         k_pos: torch.Tensor,
         offset: int = 0,
     ) -> Any:
-        """Additive ``(B, 1, Lq, Lk)`` tree mask (a dict by layer type when windows differ).
-
-        Query ``i`` sits at row index ``offset + i`` among the keys (``offset``
-        is the number of cached keys). A query attends to an earlier-or-equal
-        key that is a prompt token or in its own branch; a padding query
-        attends to itself only, so no softmax row is empty (NaN).
-
-        Args:
-            q_tags: ``(B, Lq)`` branch tag of each query (prompt, chosen, rejected, pad).
-            q_pos: ``(B, Lq)`` logical position of each query.
-            k_tags: ``(B, Lk)``.
-            k_pos: ``(B, Lk)``.
-            offset: row index of the first query among the keys.
-        """
-        dev = self.device
-        q_tags, q_pos, k_tags, k_pos = (t.to(dev) for t in (q_tags, q_pos, k_tags, k_pos))
-        q_idx = torch.arange(q_tags.shape[1], device=dev)[:, None] + offset
-        k_idx = torch.arange(k_tags.shape[1], device=dev)[None, :]
-        tq, tk = q_tags[:, :, None], k_tags[:, None, :]
-        allowed = (q_idx >= k_idx) & (tq != _PAD) & ((tk == _PROMPT) | (tq == tk))
-        allowed |= q_idx == k_idx
-        masks = {"full_attention": allowed}
-        if self.window is not None:
-            # Same rule as transformers' sliding-window masks (kv > q - window),
-            # on logical positions, which restart for the rejected branch.
-            masks["sliding_attention"] = allowed & ((q_pos[:, :, None] - k_pos[:, None, :]) < self.window)
-        minimum = torch.finfo(self.dtype).min
-        masks = {
-            k: torch.zeros(v.shape, dtype=self.dtype, device=dev).masked_fill_(~v, minimum).unsqueeze(1)
-            for k, v in masks.items()
-        }
-        if self.layer_types is not None:
-            return {t: masks.get(t, masks["full_attention"]) for t in set(self.layer_types)}
-        # No per-layer types: a configured window applies to every layer.
-        return masks.get("sliding_attention", masks["full_attention"])
+        """Additive tree mask for this model (see :func:`tree_mask`)."""
+        return tree_mask(
+            q_tags, q_pos, k_tags, k_pos, offset=offset, device=self.device, dtype=self.dtype,
+            window=self.window, layer_types=self.layer_types,
+        )
 
     def _forward_packed(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
-        length = max(p.packed_length for p in pairs)
-        bsz = len(pairs)
-        ids = torch.full((bsz, length), self.pad_token_id, dtype=torch.long)
-        tags = torch.full((bsz, length), _PAD, dtype=torch.long)
-        positions = torch.zeros((bsz, length), dtype=torch.long)
+        ids, tags, positions = packed_rows(pairs, self.pad_token_id)
+        length = ids.shape[1]
         rows = _Rows([], [], [])
         for b, pair in enumerate(pairs):
             p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
-            ids[b, : pair.packed_length] = torch.tensor(list(pair.prompt) + list(pair.chosen[:-1]) + list(pair.rejected[:-1]))
-            tags[b, :p] = _PROMPT
-            tags[b, p : p + c - 1] = _CHOSEN
-            tags[b, p + c - 1 : p + c + r - 2] = _REJECTED
-            positions[b, :p] = torch.arange(p)
-            positions[b, p : p + c - 1] = torch.arange(p, p + c - 1)
-            positions[b, p + c - 1 : p + c + r - 2] = torch.arange(p, p + r - 1)
             # Chosen h_k: index p-1 (k=0), then p .. p+c-2; rejected: p-1, then p+c-1 .. p+c+r-3.
             self._index_pair(rows, b, b * length, p - 1, p, c, p + c - 1, r)
         mask = self._tree_mask(tags, positions, tags, positions)
         hidden = self._decode(ids, mask, positions)
-        return self._reduce(hidden, rows, bsz)
+        return self._reduce(hidden, rows, len(pairs))
 
     def _forward_prefix(self, pairs: Sequence[EncodedPair]) -> tuple[torch.Tensor, ...]:
         """Prompts in one pass that fills a KV cache, then both branches of each pair in a second."""

@@ -534,8 +534,41 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
 
 
 # ------------------------------------------------------------------- driver
+def validate_section(validate_dir: str) -> str:
+    """HTML of a ``ches-filter validate`` directory: its verdicts, its table and its plot.
+
+    Raises:
+        BadDataError: the directory holds no readable ``summary.json`` of validate.
+    """
+    path = os.path.join(os.fspath(validate_dir), "summary.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise BadDataError(f"`--validate` {validate_dir}: cannot read {path} ({exc}); pass an OUT_DIR of `ches-filter validate`") from None
+    if not isinstance(summary, dict) or summary.get("kind") != "validate" or not isinstance(summary.get("subsets"), list):
+        raise BadDataError(f"`--validate` {validate_dir}: {path} is not a summary of `ches-filter validate`")
+    keys = ("measure", "subset", "n", "mean_dlogp_chosen", "mean_dlogp_chosen_per_token", "mean_dlogp_rejected",
+            "frac_chosen_decreased", "eval_mean_dlogp_chosen", "mean_chosen_tokens", "mean_rejected_tokens", "seconds")
+    heads = ("measure", "subset", "n", "mean Δ log π(y+)", "per token", "mean Δ log π(y−)", "y+ fell", "eval Δ log π(y+)",
+             "|y+|", "|y−|", "seconds")
+    rows = [[f'<td class="num">{_num(e.get(k))}</td>' if k not in ("measure", "subset") else f"<td>{_esc(e.get(k))}</td>"
+             for k in keys] for e in summary["subsets"]]
+    parts = ["<h2>Validate: DPO on subsets of the pairs</h2>",
+             f'<p class="meta">{_esc(validate_dir)}: model <b>{_esc((summary.get("model") or {}).get("model"))}</b>, '
+             f'{_esc(json.dumps(summary.get("config")))}</p>']
+    parts += [f'<p class="note">{_esc(line)}</p>' for line in summary.get("verdicts") or []]
+    parts.append(_table(heads, rows))
+    png = os.path.join(os.fspath(validate_dir), "validate.png")
+    if os.path.exists(png):
+        with open(png, "rb") as handle:
+            data = base64.b64encode(handle.read()).decode("ascii")
+        parts.append(f'<img alt="change of log p(y+) per subset" src="data:image/png;base64,{data}">')
+    return "\n".join(parts)
+
+
 def build_report(scores: Any, output_dir: str, config: ReportConfig | None = None, *, data: Any = None,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, validate: str | None = None) -> dict:
     """Write ``summary.json``, ``histogram.png``, ``length.png`` and ``report.html`` into ``output_dir``.
 
     Args:
@@ -544,6 +577,7 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
         config: a :class:`~ches_filter.config.ReportConfig`.
         data: the scored input, for excerpts (path, ``datasets.Dataset`` or rows).
         overwrite: replace an existing ``output_dir``.
+        validate: an OUT_DIR of ``ches-filter validate`` whose results join the page.
 
     Returns:
         The summary dict (also in ``summary.json``).
@@ -561,6 +595,8 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
         excerpts = load_excerpts(data, loaded.meta, summary["highest"] + summary["lowest"], config)
     images = {"histogram.png": plot_histogram(loaded, summary), "length.png": plot_lengths(loaded, summary, summary["by"])}
     page = render_html(loaded, summary, images, excerpts)
+    if validate is not None:
+        page = page.replace("</body></html>", validate_section(validate) + "\n</body></html>")
     with atomic_path(str(output_dir)) as tmp:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as handle:

@@ -1,0 +1,650 @@
+"""Show on the user's own model that pruning by a score protects the preferred likelihood: ``validate``.
+
+The paper's subset experiment (Razin et al., ICLR 2025, Section 5, Fig. 2;
+the official ``similarity_measures_experiment_runner.py``): rank the scored
+pairs by a measure, take subsets from the risky and the safe end, train DPO
+on each subset from the same initial model, and compare the mean change of
+``log π(y+|x)`` over the subset. Cross-pair effects (one pair's update
+lowering another pair's preferred response) appear only when many pairs are
+trained together, which is why subsets, not single pairs (``displacement``).
+
+Per subset and seed, from the same initial weights (restored from one copy
+held on the CPU):
+
+* ``epochs`` passes of DPO in batches of ``batch_size`` pairs (order drawn
+  from the seed), loss ``-log σ(β[(log π+ - ref+) - (log π- - ref-)])``
+  averaged over the batch, reference = the initial model, whose log-probs
+  are computed once before any training (no second model in memory);
+* ``log π(y±)`` of every pair of the subset and of a held-out eval set
+  after training; Δ = after - before (before = the reference).
+
+Log-probs come from :func:`ches_filter.logprobs.pair_logprobs` in the token
+layout of the scores (``--layout``), packed (prompt once) where the scoring
+engine's self-check says it is exact. A subset whose members and seed equal
+another's (``random`` is measure-independent) is trained once and reported
+for each measure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from . import __version__
+from .config import ScoreConfig, ValidateConfig
+from .errors import BadDataError, BadFlagError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_validate", "plan_subsets", "dpo_loss", "format_table", "verdicts", "VALIDATE_COLUMNS"]
+
+#: Per-pair columns of validate.parquet (after measure, subset, seed, set, row_index).
+VALIDATE_COLUMNS = (
+    "score", "logp_chosen_before", "logp_chosen_after", "dlogp_chosen", "logp_rejected_before",
+    "logp_rejected_after", "dlogp_rejected", "prompt_tokens", "chosen_tokens", "rejected_tokens",
+)
+
+
+def dpo_loss(logp_chosen: Any, logp_rejected: Any, ref_chosen: Any, ref_rejected: Any, beta: float) -> Any:
+    """Mean DPO loss ``-log σ(β[(log π+ - ref+) - (log π- - ref-)])`` over a batch (sigmoid loss, no smoothing)."""
+    import torch.nn.functional as F
+
+    margin = (logp_chosen - ref_chosen) - (logp_rejected - ref_rejected)
+    return -F.logsigmoid(beta * margin).mean()
+
+
+# ------------------------------------------------------------------ subsets
+@dataclass
+class SubsetPlan:
+    """Which rows each subset holds.
+
+    Attributes:
+        eval_rows: the held-out eval set (row indices), disjoint from every subset.
+        subsets: ``{(measure, subset): [row_index, ...]}``; ``random`` is the same for every measure.
+        ranked: per measure the scored rows available to subsets, safest first.
+        scores: per measure ``{row_index: value}`` of the rows used.
+    """
+
+    eval_rows: list[int]
+    subsets: dict[tuple[str, str], list[int]]
+    ranked: dict[str, list[int]] = field(default_factory=dict)
+    scores: dict[str, dict[int, float]] = field(default_factory=dict)
+
+
+def _slice(ranked: Sequence[int], n: int, centre: float) -> list[int]:
+    """``n`` consecutive items of ``ranked`` around quantile ``centre`` in [0, 1], clamped to the ends.
+
+    The official code's rule (``__quantile_slice``): centre index
+    ``round(q·(len-1))``, start ``n // 2`` before it.
+    """
+    idx = int(round(centre * (len(ranked) - 1)))
+    start = max(0, idx - n // 2)
+    start = max(0, min(start, len(ranked) - n))
+    return list(ranked[start : start + n])
+
+
+def needed_rows(config: ValidateConfig) -> int:
+    """Scored rows the plan needs: the eval set plus room for the ranked subsets to be disjoint."""
+    ranked = [s for s in config.subset_names if s != "random"]
+    return config.eval_size + config.subset_size * max(1, len(ranked))
+
+
+def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
+    """Draw the eval set, then every subset from the remaining scored rows.
+
+    A row can be used when its status is ``ok`` and every ``--by`` measure has
+    a value. The eval set is drawn first (seed ``config.seed``); subsets come
+    from the rest, so no subset meets the eval set. Ranking follows each
+    measure's risk direction (:data:`ches_filter.measures.MEASURES`), ties by
+    ``row_index``: ``top`` is the riskiest n, ``bottom`` the safest n,
+    ``median`` and ``q<x>`` n consecutive ranks centred on that quantile.
+
+    Raises:
+        BadDataError: a ``--by`` column is missing, or fewer usable rows than needed.
+    """
+    import numpy as np
+
+    from .measures import MEASURES
+
+    names = scores.column_names
+    for name in ("row_index", "status"):
+        if name not in names:
+            raise BadDataError(f"the scores have no {name!r} column (columns: {', '.join(names)}); was the file written by `ches-filter score`?")
+    missing = [m for m in config.by_list if m not in names]
+    if missing:
+        present = [m for m in MEASURES.names() if m in names]
+        raise BadDataError(
+            f"the scores have no {', '.join(missing)} column (measures present: {', '.join(present) or 'none'}); "
+            f"drop it from `--by` or rescore with `ches-filter score --measures {','.join(dict.fromkeys(present + missing))}`"
+        )
+    status = scores.column("status").to_pylist()
+    row_index = scores.column("row_index").to_pylist()
+    values = {m: scores.column(m).to_pylist() for m in config.by_list}
+    usable = [
+        i for i in range(len(status))
+        if status[i] == "ok" and all(values[m][i] is not None and not math.isnan(values[m][i]) for m in config.by_list)
+    ]
+    need = needed_rows(config)
+    if len(usable) < need:
+        ranked_count = max(1, len([s for s in config.subset_names if s != "random"]))
+        raise BadDataError(
+            f"the input has {len(usable)} scored (status ok) rows but validate needs {need}: an eval set of "
+            f"{config.eval_size} plus {ranked_count} subset(s) of {config.subset_size}; lower `--subset-size` or "
+            "`--eval-size`, or give more data"
+        )
+    rng = np.random.default_rng(config.seed)
+    eval_pos = sorted(rng.choice(len(usable), size=config.eval_size, replace=False).tolist()) if config.eval_size else []
+    eval_set = {usable[i] for i in eval_pos}
+    pool = [i for i in usable if i not in eval_set]
+    plan = SubsetPlan(eval_rows=[row_index[i] for i in sorted(eval_set)], subsets={})
+    n = config.subset_size
+    random_rows = None
+    if "random" in config.subset_names:
+        picked = np.random.default_rng([config.seed, 1]).choice(len(pool), size=n, replace=False)
+        random_rows = sorted(row_index[pool[i]] for i in picked.tolist())
+    for measure in config.by_list:
+        sign = 1.0 if MEASURES.get(measure).higher_is_riskier else -1.0
+        ranked = sorted(pool, key=lambda i: (sign * values[measure][i], row_index[i]))
+        plan.ranked[measure] = [row_index[i] for i in ranked]
+        for name in config.subset_names:
+            if name == "random":
+                rows = random_rows
+            elif name == "top":
+                rows = [row_index[i] for i in ranked[-n:]]
+            elif name == "bottom":
+                rows = [row_index[i] for i in ranked[:n]]
+            elif name == "median":
+                rows = [row_index[i] for i in _slice(ranked, n, 0.5)]
+            else:
+                rows = [row_index[i] for i in _slice(ranked, n, float(name[1:]))]
+            plan.subsets[(measure, name)] = sorted(rows)
+        plan.scores[measure] = {row_index[i]: float(values[measure][i]) for i in usable}
+    return plan
+
+
+# ------------------------------------------------------------------ training
+class _Trainer:
+    """One policy model, its initial weights on the CPU, and the log-prob function."""
+
+    def __init__(self, loaded: Any, config: ValidateConfig, score_config: ScoreConfig) -> None:
+        import torch
+
+        from .logprobs import packed_is_exact
+        from .model import resolve_dtype
+
+        self.lm = loaded.decoder
+        self.device = loaded.device
+        self.config = config
+        wanted = resolve_dtype(score_config.dtype, self.device)
+        # Master weights stay float32; a lower dtype is used through autocast only.
+        self.autocast = None if wanted == torch.float32 else wanted
+        self.params = [p for p in self.lm.parameters() if p.is_floating_point()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.initial = [p.detach().to("cpu", copy=True) for p in self.params]
+        if config.gradient_checkpointing:
+            if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5 name
+                self.lm.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.lm.train()  # transformers checkpoints only in training mode
+        else:
+            self.lm.eval()
+        self.packed = score_config.engine != "plain" and packed_is_exact(self.lm, self.device)
+        if score_config.engine in ("packed", "prefix") and not self.packed:
+            logger.warning("the packed log-prob path is not exact for this model; using the plain one")
+        tokenizer = loaded.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad = int(pad)
+        self.budget = score_config.max_batch_tokens
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.initial):
+                p.copy_(saved)
+
+    def logprobs(self, pairs: Sequence[Any], *, grad: bool) -> Any:
+        from .logprobs import pair_logprobs
+
+        return pair_logprobs(
+            self.lm, pairs, packed=self.packed, grad=grad, device=self.device, pad_token_id=self.pad,
+            autocast_dtype=self.autocast,
+        )
+
+    def _cost(self, pair: Any) -> int:
+        return pair.packed_length if self.packed else 2 * (pair.longest_sequence - 1)
+
+    def _micro_batches(self, rows: Sequence[int], encoded: dict[int, Any]) -> list[list[int]]:
+        """``rows`` in token-budget groups (``--max-batch-tokens``; default 512 on CPU, 65536 on CUDA)."""
+        from .batching import token_budget_batches
+        from .scoring import default_batch_tokens
+
+        rows = list(rows)
+        budget = self.budget or default_batch_tokens(self.device)
+        return [[rows[i] for i in group] for group in token_budget_batches([self._cost(encoded[r]) for r in rows], budget)]
+
+    def evaluate(self, rows: Sequence[int], encoded: dict[int, Any]) -> dict[int, tuple[float, float]]:
+        """``{row: (log π(y+), log π(y-))}`` without gradients, in token-budget batches."""
+        out = {}
+        for batch in self._micro_batches(rows, encoded):
+            got = self.logprobs([encoded[r] for r in batch], grad=False)
+            for j, r in enumerate(batch):
+                out[r] = (float(got.chosen[j]), float(got.rejected[j]))
+        return out
+
+    def optimizer(self) -> Any:
+        import torch
+
+        cls = {"adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}[self.config.optimizer]
+        return cls(self.params, lr=self.config.lr)
+
+    def train(self, members: Sequence[int], seed: int, encoded: dict[int, Any], ref: dict[int, tuple[float, float]],
+              on_step: Any = None) -> dict:
+        """DPO on ``members`` from the initial weights; returns the losses of the first and last step."""
+        import numpy as np
+        import torch
+
+        self.restore()
+        opt = self.optimizer()
+        rng = np.random.default_rng(seed)
+        members = list(members)
+        bs = self.config.batch_size
+        losses = []
+        for _ in range(self.config.epochs):
+            order = [members[i] for i in rng.permutation(len(members)).tolist()]
+            for start in range(0, len(order), bs):
+                batch = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                total = 0.0
+                # The batch's mean loss as a weighted sum over length-grouped
+                # micro-batches: the same gradient, less padding and memory.
+                for micro in self._micro_batches(batch, encoded):
+                    got = self.logprobs([encoded[r] for r in micro], grad=True)
+                    dev = got.chosen.device
+                    ref_c = torch.tensor([ref[r][0] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    ref_r = torch.tensor([ref[r][1] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    loss = dpo_loss(got.chosen, got.rejected, ref_c, ref_r, self.config.beta) * (len(micro) / len(batch))
+                    loss.backward()
+                    total += float(loss.detach())
+                    del got, loss
+                opt.step()
+                losses.append(total)
+                if on_step is not None:
+                    on_step()
+        opt.zero_grad(set_to_none=True)
+        del opt
+        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)}
+
+
+# ------------------------------------------------------------------ summary
+def _mean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _sd(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _set_stats(rows: Sequence[dict]) -> dict:
+    dc = [r["dlogp_chosen"] for r in rows]
+    dr = [r["dlogp_rejected"] for r in rows]
+    return {
+        "mean_dlogp_chosen": _mean(dc),
+        "median_dlogp_chosen": statistics.median(dc) if dc else None,
+        "mean_dlogp_rejected": _mean(dr),
+        "median_dlogp_rejected": statistics.median(dr) if dr else None,
+        "mean_dlogp_chosen_per_token": _mean([r["dlogp_chosen"] / r["chosen_tokens"] for r in rows]),
+        "mean_dlogp_rejected_per_token": _mean([r["dlogp_rejected"] / r["rejected_tokens"] for r in rows]),
+        "frac_chosen_decreased": (sum(d < 0 for d in dc) / len(dc)) if dc else None,
+        "mean_chosen_tokens": _mean([r["chosen_tokens"] for r in rows]),
+        "mean_rejected_tokens": _mean([r["rejected_tokens"] for r in rows]),
+    }
+
+
+def summarize(records: Sequence[dict], jobs: dict, config: ValidateConfig) -> list[dict]:
+    """One object per (measure, subset): per-seed statistics, their mean over seeds and the seed spread."""
+    out = []
+    for measure in config.by_list:
+        for name in config.subset_names:
+            per_seed = []
+            for r in range(config.repeats):
+                seed = config.seed + r
+                sub = [x for x in records if x["measure"] == measure and x["subset"] == name and x["seed"] == seed]
+                trained = [x for x in sub if x["set"] == "subset"]
+                held = [x for x in sub if x["set"] == "eval"]
+                job = jobs[(measure, name, seed)]
+                stats = _set_stats(trained)
+                stats.update({f"eval_{k}": v for k, v in _set_stats(held).items() if not k.startswith("mean_") or "tokens" not in k})
+                stats.update(seed=seed, loss_first=job["loss_first"], loss_last=job["loss_last"], steps=job["steps"],
+                             seconds=job["seconds"], mean_score=_mean([x["score"] for x in trained]))
+                per_seed.append(stats)
+            entry = {"measure": measure, "subset": name, "n": config.subset_size, "eval_n": config.eval_size,
+                     "seeds": [s["seed"] for s in per_seed]}
+            for key in per_seed[0]:
+                if key in ("seed",):
+                    continue
+                entry[key] = _mean([s[key] for s in per_seed])
+            for key in ("mean_dlogp_chosen", "mean_dlogp_chosen_per_token", "eval_mean_dlogp_chosen", "frac_chosen_decreased"):
+                entry[f"{key}_seed_sd"] = _sd([s[key] for s in per_seed])
+            entry["trained_with"] = jobs[(measure, name, per_seed[0]["seed"])]["key_owner"]
+            entry["per_seed"] = per_seed
+            out.append(entry)
+    return out
+
+
+def _ends(config: ValidateConfig) -> tuple[str, str] | None:
+    names = config.subset_names
+    if "top" in names and "bottom" in names:
+        return "top", "bottom"
+    quantiles = sorted((float(n[1:]), n) for n in names if n.startswith("q"))
+    if len(quantiles) >= 2:
+        return quantiles[-1][1], quantiles[0][1]
+    return None
+
+
+def verdicts(subsets: Sequence[dict], config: ValidateConfig) -> list[str]:
+    """One plain line per measure: does the riskiest subset lower log π(y+) more than the safest, and is length the likelier cause."""
+    ends = _ends(config)
+    if ends is None:
+        return ["verdict: needs a riskiest and a safest subset (`--subsets top,bottom` or two `--quantiles`)"]
+    risky_name, safe_name = ends
+    lines = []
+    for measure in config.by_list:
+        risky = next(s for s in subsets if s["measure"] == measure and s["subset"] == risky_name)
+        safe = next(s for s in subsets if s["measure"] == measure and s["subset"] == safe_name)
+        gap = safe["mean_dlogp_chosen"] - risky["mean_dlogp_chosen"]
+        more = "lowers the preferred likelihood more than" if gap > 0 else "does NOT lower the preferred likelihood more than"
+        sds = [risky["mean_dlogp_chosen_seed_sd"], safe["mean_dlogp_chosen_seed_sd"]]
+        if all(sd is not None for sd in sds):
+            spread = math.sqrt(sds[0] ** 2 + sds[1] ** 2)
+            noise = f"{abs(gap) / spread:.1f}x the seed spread ({spread:.2f} nats, {config.repeats} seeds)" if spread > 0 else "no seed spread"
+        else:
+            noise = "one seed, so no seed spread (`--repeats 3` measures it)"
+        pt_gap = safe["mean_dlogp_chosen_per_token"] - risky["mean_dlogp_chosen_per_token"]
+        scale = max(abs(risky["mean_dlogp_chosen"]), abs(safe["mean_dlogp_chosen"])) or 1.0
+        pt_scale = max(abs(risky["mean_dlogp_chosen_per_token"]), abs(safe["mean_dlogp_chosen_per_token"])) or 1.0
+        rel, pt_rel = gap / scale, pt_gap / pt_scale
+        lc, ls = risky["mean_chosen_tokens"], safe["mean_chosen_tokens"]
+        if gap > 0 and (pt_gap <= 0 or pt_rel < 0.5 * rel) and abs(lc - ls) > 0.25 * max(lc, ls):
+            cause = "length is the likelier cause (the gap shrinks or flips per token)"
+        elif gap > 0:
+            cause = "length is not the likelier cause (the gap holds per token)"
+        else:
+            cause = "nothing to attribute"
+        lines.append(
+            f"verdict ({measure}): on this model and data the {risky_name} subset {more} the {safe_name} subset: "
+            f"mean Δlog π(y+) {risky['mean_dlogp_chosen']:+.3f} vs {safe['mean_dlogp_chosen']:+.3f} nats, gap {gap:+.3f} = "
+            f"{noise}; per token {risky['mean_dlogp_chosen_per_token']:+.4f} vs {safe['mean_dlogp_chosen_per_token']:+.4f} "
+            f"(gap {pt_gap:+.4f}), mean |y+| {lc:.0f} vs {ls:.0f} tokens, |y-| {risky['mean_rejected_tokens']:.0f} vs "
+            f"{safe['mean_rejected_tokens']:.0f}: {cause}."
+        )
+    return lines
+
+
+def format_table(summary: dict) -> list[str]:
+    """The terminal table: one line per (measure, subset)."""
+    head = (f"{'measure':<15}{'subset':<8}{'n':>4}{'Δ+ mean':>10}{'Δ+ med':>9}{'Δ- mean':>10}{'Δ+/tok':>9}"
+            f"{'y+ fell':>8}{'eval Δ+':>9}{'loss 1st→last':>16}{'|y+|':>6}{'|y-|':>6}{'s':>7}")
+    lines = [head]
+    for s in summary["subsets"]:
+        sd = s["mean_dlogp_chosen_seed_sd"]
+        mean = f"{s['mean_dlogp_chosen']:+.3f}" + ("" if sd is None else f"±{sd:.2f}")
+        lines.append(
+            f"{s['measure']:<15}{s['subset']:<8}{s['n']:>4}{mean:>10}{s['median_dlogp_chosen']:>+9.3f}"
+            f"{s['mean_dlogp_rejected']:>+10.3f}{s['mean_dlogp_chosen_per_token']:>+9.4f}{s['frac_chosen_decreased']:>8.0%}"
+            f"{(s['eval_mean_dlogp_chosen'] if s['eval_mean_dlogp_chosen'] is not None else float('nan')):>+9.3f}"
+            f"{s['loss_first']:>8.3f}→{s['loss_last']:<7.3f}{s['mean_chosen_tokens']:>6.0f}{s['mean_rejected_tokens']:>6.0f}"
+            f"{s['seconds']:>7.0f}"
+        )
+    return lines
+
+
+# ------------------------------------------------------------------ plot
+def plot(summary: dict) -> bytes | None:
+    """Δ log π(y+) per subset (trained subset and eval set side by side), summed and per token; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed, so validate.png is skipped (pip install 'ches-filter[report]')")
+        return None
+    import io
+
+    subsets = summary["subsets"]
+    labels = [f"{s['measure']}\n{s['subset']}" for s in subsets]
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(subsets) * 2), 4.5))
+    width = 0.38
+    for ax, suffix, unit in ((axes[0], "", "nats"), (axes[1], "_per_token", "nats / token")):
+        xs = range(len(subsets))
+        for k, (prefix, name, color) in enumerate((("", "trained subset", "tab:red"), ("eval_", "eval set (not trained on)", "tab:blue"))):
+            key = f"{prefix}mean_dlogp_chosen{suffix}"
+            vals = [s.get(key) if s.get(key) is not None else float("nan") for s in subsets]
+            errs = []
+            for s in subsets:
+                per = [p.get(key) for p in s["per_seed"] if p.get(key) is not None]
+                errs.append(statistics.stdev(per) if len(per) > 1 else 0.0)
+            ax.bar([x + (k - 0.5) * width for x in xs], vals, width, yerr=errs, color=color, alpha=0.8, label=name, capsize=3)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel(f"mean Δ log π(y+) ({unit})")
+        ax.set_title("summed over y+" if not suffix else "per token of y+")
+    axes[0].legend(fontsize=8)
+    seeds = summary["config"]["repeats"]
+    fig.suptitle(f"DPO on each subset from the same model ({seeds} seed{'s' if seeds > 1 else ''}; bars: seed spread)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------ pipeline
+def _check_output_dir(output_dir: str, inputs: list[str], overwrite: bool) -> None:
+    from .io import check_output_path
+
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise BadFlagError(f"`--output` {output_dir} exists and is not a directory; validate writes a directory")
+    check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    from .io import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+
+
+def run_validate(
+    data: Any,
+    output_dir: str,
+    config: ValidateConfig | None = None,
+    score_config: ScoreConfig | None = None,
+    *,
+    scores: str | None = None,
+    overwrite: bool = False,
+    model: Any = None,
+    progress: bool | None = None,
+) -> dict:
+    """Score (or reuse scores), train DPO on each subset, write validate.parquet, summary.json, validate.png.
+
+    Args:
+        data: the input (path, ``datasets.Dataset`` or list of row dicts).
+        output_dir: directory to create; ``scores.parquet`` goes there when ``scores`` is None.
+        config: subsets and training (:class:`~ches_filter.config.ValidateConfig`).
+        score_config: how to read, score and load the model; the policy is float32
+            (``--dtype`` other than float32 runs under autocast in that dtype).
+        scores: a score file of exactly this input (checked by fingerprint).
+        overwrite: allow an existing ``output_dir`` (its files are replaced).
+        model: a :class:`~ches_filter.model.LoadedModel` loaded ``with_lm_head`` in
+            float32 (its weights are restored to the initial ones at the end).
+        progress: show a progress bar per optimizer step (default: not ``score_config.quiet``).
+
+    Returns:
+        The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
+    """
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from .batching import PairEncoder
+    from .formats import normalize_row
+    from .io import read_table, write_table
+    from .scoring import check_scores_belong, load_input
+
+    started = time.perf_counter()
+    config = config or ValidateConfig()
+    score_config = score_config or ScoreConfig()
+    if score_config.device_map:
+        raise BadFlagError("validate trains one model on one device; drop `--device-map` and pick `--device`")
+    output_dir = os.fspath(output_dir)
+    own_scores = os.path.join(output_dir, "scores.parquet")
+    inputs = [os.fspath(data)] if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else []
+    if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
+        inputs.append(os.fspath(scores))  # a previous run's OUT_DIR/scores.parquet may be reused in place
+    _check_output_dir(output_dir, inputs, overwrite)
+
+    ds, layout, columns = load_input(data, score_config)
+    need = needed_rows(config)
+    if len(ds) < need:
+        raise BadDataError(
+            f"the input has {len(ds)} rows but validate needs at least {need} scored ones (eval set "
+            f"{config.eval_size} + subsets of {config.subset_size}); lower `--subset-size` or `--eval-size`"
+        )
+    if scores is not None:
+        table, meta = read_table(os.fspath(scores))
+        check_scores_belong(meta, table.num_rows, ds, layout, columns, flag="--scores", chunk_size=score_config.chunk_size)
+        stored = meta.get("token_layout")
+        if stored is not None and stored != score_config.layout:
+            raise BadFlagError(
+                f"`--scores` was computed with `--layout {stored}`, not `--layout {score_config.layout}`; pass the "
+                "same layout so the tokens trained on are the tokens scored"
+            )
+        plan = plan_subsets(table, config)
+        os.makedirs(output_dir, exist_ok=True)
+    else:
+        from .config import JobConfig
+        from .run import score_to_file
+
+        wanted = ",".join(dict.fromkeys(score_config.measure_list + config.by_list))
+        scoring = dataclasses.replace(score_config, measures=wanted)
+        os.makedirs(output_dir, exist_ok=True)
+        score_to_file(data, own_scores, scoring, JobConfig(), overwrite=overwrite, progress=progress)
+        table, meta = read_table(own_scores)
+        plan = plan_subsets(table, config)
+
+    if model is None:
+        from .model import load_model
+
+        model = load_model(
+            score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
+            dtype="float32", device=score_config.device, attn_implementation=score_config.attn_implementation,
+            with_lm_head=True,
+        )
+    if model.decoder.get_output_embeddings() is None:
+        raise BadDataError("validate needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    encoder = PairEncoder(
+        model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
+    )
+    max_length = score_config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
+    used = sorted(set(plan.eval_rows).union(*plan.subsets.values()))
+    encoded = {}
+    for row in used:
+        status, enc = encoder.encode_checked(normalize_row(ds[row], layout, columns), max_length)
+        if status != "ok":
+            raise BadDataError(
+                f"row {row} was scored ok but now encodes as {status}; the scores were made with another model, "
+                "tokenizer or `--max-length`: rescore, or pass the same options"
+            )
+        encoded[row] = enc
+
+    trainer = _Trainer(model, config, score_config)
+    show = (not score_config.quiet) if progress is None else progress
+    try:
+        logger.info("log-probs of the initial model for %d pairs (%s path)", len(used), "packed" if trainer.packed else "plain")
+        ref = trainer.evaluate(used, encoded)
+        # Jobs: one per distinct (members, seed); `random` is shared by every measure.
+        jobs: dict[tuple[str, str, int], dict] = {}
+        distinct: dict[tuple[tuple[int, ...], int], dict] = {}
+        for (measure, name), rows in plan.subsets.items():
+            for r in range(config.repeats):
+                seed = config.seed + r
+                key = (tuple(rows), seed)
+                if key not in distinct:
+                    distinct[key] = {"rows": list(rows), "seed": seed, "key_owner": f"{measure}/{name}"}
+                jobs[(measure, name, seed)] = distinct[key]
+        steps_per_job = config.epochs * math.ceil(config.subset_size / config.batch_size)
+        bar = tqdm(total=steps_per_job * len(distinct), desc="validate", unit="step", disable=not show, dynamic_ncols=True)
+        try:
+            for job in distinct.values():
+                t0 = time.perf_counter()
+                job.update(trainer.train(job["rows"], job["seed"], encoded, ref, on_step=lambda: bar.update(1)))
+                job["after"] = trainer.evaluate(sorted(set(job["rows"]) | set(plan.eval_rows)), encoded)
+                job["seconds"] = time.perf_counter() - t0
+        finally:
+            bar.close()
+    finally:
+        trainer.restore()
+        for p in trainer.params:
+            p.requires_grad_(False)
+        if config.gradient_checkpointing:
+            (getattr(model.decoder, "activation_checkpointing_disable", None) or model.decoder.gradient_checkpointing_disable)()
+        model.decoder.eval()
+
+    records = []
+    for (measure, name, seed), job in jobs.items():
+        for which, rows in (("subset", plan.subsets[(measure, name)]), ("eval", plan.eval_rows)):
+            for row in rows:
+                enc = encoded[row]
+                before, after = ref[row], job["after"][row]
+                records.append({
+                    "measure": measure, "subset": name, "seed": seed, "set": which, "row_index": row,
+                    "score": plan.scores[measure][row],
+                    "logp_chosen_before": before[0], "logp_chosen_after": after[0], "dlogp_chosen": after[0] - before[0],
+                    "logp_rejected_before": before[1], "logp_rejected_after": after[1], "dlogp_rejected": after[1] - before[1],
+                    "prompt_tokens": len(enc.prompt), "chosen_tokens": len(enc.chosen), "rejected_tokens": len(enc.rejected),
+                })
+    subsets = summarize(records, jobs, config)
+    summary = {
+        "ches_filter_version": __version__,
+        "kind": "validate",
+        "input": inputs[0] if inputs else None,
+        "scores": os.fspath(scores) if scores is not None else own_scores,
+        "model": model.info,
+        "token_layout": score_config.layout,
+        "logprob_path": "packed" if trainer.packed else "plain",
+        "autocast": None if trainer.autocast is None else str(trainer.autocast).replace("torch.", ""),
+        "config": dataclasses.asdict(config),
+        "eval_rows": plan.eval_rows,
+        "trainings": len(distinct),
+        "seconds": None,
+        "subsets": subsets,
+    }
+    summary["verdicts"] = verdicts(subsets, config)
+    fields = {"measure": pa.string(), "subset": pa.string(), "seed": pa.int64(), "set": pa.string(), "row_index": pa.int64()}
+    fields.update({c: (pa.int64() if c.endswith("_tokens") else pa.float64()) for c in VALIDATE_COLUMNS})
+    out_table = pa.table({name: pa.array([r[name] for r in records], typ) for name, typ in fields.items()})
+    png = plot(summary)
+    summary["seconds"] = time.perf_counter() - started
+    meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
+    write_table(out_table, os.path.join(output_dir, "validate.parquet"), metadata=meta_out, overwrite=True)
+    _write_bytes(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    if png is not None:
+        _write_bytes(os.path.join(output_dir, "validate.png"), png)
+    elif os.path.exists(os.path.join(output_dir, "validate.png")):
+        os.remove(os.path.join(output_dir, "validate.png"))  # a stale plot of an earlier run would mislead
+    summary["table"] = format_table(summary)
+    return summary

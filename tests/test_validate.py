@@ -1,0 +1,397 @@
+"""`ches-filter validate` on tiny random models: log-prob paths, DPO loss and step, subsets, outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ches_filter.batching import EncodedPair
+from ches_filter.cli import main
+from ches_filter.config import ScoreConfig, ValidateConfig
+from ches_filter.errors import BadDataError, BadFlagError
+from ches_filter.logprobs import pair_logprobs, packed_is_exact
+from ches_filter.validate import dpo_loss, plan_subsets
+
+from conftest import EXAMPLE_HH
+
+GOLDEN = Path(__file__).resolve().parent / "golden" / "hh300_scores.parquet"
+
+
+def tiny_causal_llama(dtype=torch.float32, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_causal_gemma3(seed=0):
+    """Sliding-window (8) and full layers: a wrong packed mask of either type shows."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    )
+    model = Gemma3ForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def random_pairs(n, seed=1, vocab=96):
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(k):
+        return tuple(torch.randint(4, vocab, (k,), generator=gen).tolist())
+
+    # Prompts longer than the window, responses of different lengths, one response that is only its final token.
+    shapes = [(20, 7, 3), (5, 12, 9), (13, 1, 4), (30, 9, 15), (9, 4, 4), (17, 2, 11)]
+    return [EncodedPair(draw(p), draw(c), draw(r)) for p, c, r in shapes[:n]]
+
+
+@pytest.mark.parametrize("build", [tiny_causal_llama, tiny_causal_gemma3], ids=["llama", "gemma3-sliding"])
+def test_packed_and_plain_logprobs_agree(build):
+    lm = build()
+    assert packed_is_exact(lm, "cpu")
+    pairs = random_pairs(6)
+    packed = pair_logprobs(lm, pairs, packed=True, hidden=True)
+    plain = pair_logprobs(lm, pairs, packed=False, hidden=True)
+    for a, b in ((packed.chosen, plain.chosen), (packed.rejected, plain.rejected)):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+    for a, b in zip(packed.hidden_chosen + packed.hidden_rejected, plain.hidden_chosen + plain.hidden_rejected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    # Each against an unbatched, unpadded forward of P + R[:-1] through the model's own head.
+    for i, pair in enumerate(pairs):
+        for resp, got in ((pair.chosen, packed.chosen[i]), (pair.rejected, packed.rejected[i])):
+            ids = torch.tensor([list(pair.prompt) + list(resp[:-1])])
+            with torch.no_grad():
+                logits = lm(input_ids=ids).logits[0, len(pair.prompt) - 1 :].log_softmax(-1)
+            expected = float(logits.gather(-1, torch.tensor(resp)[:, None]).sum())
+            assert float(got) == pytest.approx(expected, rel=1e-5)
+    assert packed.chosen_tokens == [len(p.chosen) for p in pairs]
+
+
+def test_packed_and_plain_gradients_agree():
+    lm = tiny_causal_llama(torch.float64)
+    params = [p for p in lm.parameters()]
+    pairs = random_pairs(4)
+    grads = []
+    for packed in (True, False):
+        out = pair_logprobs(lm, pairs, packed=packed, grad=True)
+        g = torch.autograd.grad((out.chosen - 0.5 * out.rejected).sum(), params)
+        grads.append(torch.cat([x.reshape(-1) for x in g]))
+    # Llama's RMSNorm computes in float32 even in a float64 model: agreement to float32 rounding.
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-6
+
+
+def test_dpo_loss_and_gradient_match_the_closed_form():
+    """TRL 1.16 computes the sigmoid DPO loss inline in DPOTrainer._compute_loss (it needs a trainer and a
+    model forward), so the check is against the closed form TRL implements there:
+    loss = mean(-log σ(β Δ)), Δ = (π+ - ref+) - (π- - ref-); dloss/dπ+ = -β σ(-β Δ)/B = -dloss/dπ-."""
+    gen = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (torch.randn(5, generator=gen, dtype=torch.float64) * 10 for _ in range(4))
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    beta = 0.1
+    loss = dpo_loss(pc, pr, rc, rr, beta)
+    delta = (pc - rc) - (pr - rr)
+    expected = torch.mean(torch.log1p(torch.exp(-beta * delta.detach())))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-12)
+    gc, gr = torch.autograd.grad(loss, (pc, pr))
+    weight = beta * torch.sigmoid(-beta * delta.detach()) / 5
+    assert torch.allclose(gc, -weight, rtol=1e-12) and torch.allclose(gr, weight, rtol=1e-12)
+    # At the reference (Δ = 0) the loss is log 2.
+    assert float(dpo_loss(rc, rr, rc, rr, beta)) == pytest.approx(math.log(2), rel=1e-12)
+
+
+def test_model_gradient_is_the_weighted_difference_of_response_gradients():
+    """∇θ loss = Σ_i -β σ(-βΔ_i)/B (∇ log π+_i - ∇ log π-_i), through the real log-prob function."""
+    lm = tiny_causal_llama(torch.float64)
+    params = list(lm.parameters())
+    pairs = random_pairs(3)
+    beta = 0.5
+    with torch.no_grad():
+        ref = pair_logprobs(lm, pairs, packed=True)
+    ref_c, ref_r = ref.chosen - 1.0, ref.rejected + 0.5  # a reference away from the policy: Δ ≠ 0
+    out = pair_logprobs(lm, pairs, packed=True, grad=True)
+    loss = dpo_loss(out.chosen, out.rejected, ref_c, ref_r, beta)
+    got = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+    expected = torch.zeros_like(got)
+    for i in range(len(pairs)):
+        single = pair_logprobs(lm, [pairs[i]], packed=False, grad=True)
+        delta = float((single.chosen[0] - ref_c[i]) - (single.rejected[0] - ref_r[i]))
+        w = -beta * (1 / (1 + math.exp(beta * delta))) / len(pairs)
+        g = torch.autograd.grad(single.chosen[0] - single.rejected[0], params)
+        expected += w * torch.cat([x.reshape(-1) for x in g])
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+class _Tok:
+    pad_token_id = 0
+    eos_token_id = 2
+
+
+def _trainer(lm, **overrides):
+    from ches_filter.model import LoadedModel
+    from ches_filter.validate import _Trainer
+
+    config = ValidateConfig(**{"by": "ches", "subsets": "top", "subset_size": 1, "eval_size": 0, "batch_size": 1, **overrides})
+    loaded = LoadedModel(decoder=lm, tokenizer=_Tok(), device=torch.device("cpu"), dtype=lm.dtype, info={})
+    return _Trainer(loaded, config, ScoreConfig(dtype="float32"))
+
+
+def test_one_sgd_step_moves_logp_chosen_by_lr_beta_half_d():
+    """One validate SGD step on one pair changes log π(y+) by lr·β/2·D (D from displacement's first order)."""
+    from ches_filter.displacement import PairProbe
+
+    lm = tiny_causal_llama(torch.float64)
+    pair = random_pairs(1)[0]
+    first = PairProbe(lm, "cpu").first_order(pair.prompt, pair.chosen, pair.rejected)
+    beta, lr = 0.1, 1e-3
+    trainer = _trainer(lm, optimizer="sgd", lr=lr, beta=beta)
+    encoded = {0: pair}
+    ref = trainer.evaluate([0], encoded)
+    info = trainer.train([0], 0, encoded, ref)
+    after = trainer.evaluate([0], encoded)
+    assert info["steps"] == 1 and info["loss_first"] == pytest.approx(math.log(2), rel=1e-12)
+    for side, k in (("chosen", 0), ("rejected", 1)):
+        predicted = lr * beta / 2 * first[f"first_order_dlogp_{side}"]
+        assert after[0][k] - ref[0][k] == pytest.approx(predicted, rel=0.03)
+    trainer.restore()
+    assert trainer.evaluate([0], encoded) == ref  # the initial weights come back exactly
+
+
+def test_micro_batches_give_the_batch_gradient():
+    """A batch split into token-budget micro-batches takes the same step as one forward over the batch."""
+    lm = tiny_causal_llama(torch.float64)
+    pairs = {i: p for i, p in enumerate(random_pairs(6))}
+    results = []
+    for budget in (None, 40):
+        trainer = _trainer(lm, optimizer="sgd", lr=1e-2, subset_size=6, batch_size=6)
+        trainer.budget = budget or 10**6
+        ref = trainer.evaluate(list(pairs), pairs)
+        trainer.train(list(pairs), 0, pairs, ref)
+        results.append(trainer.evaluate(list(pairs), pairs))
+        trainer.restore()
+    assert len(_trainer(lm, subset_size=6, batch_size=6)._micro_batches(list(pairs), pairs)) == 1
+    for row in pairs:
+        assert results[0][row] == pytest.approx(results[1][row], rel=1e-10)
+
+
+def test_gradient_checkpointing_takes_the_same_steps():
+    """Same numbers with `--gradient-checkpointing`, which turns transformers' checkpointing on (training mode)."""
+    lm = tiny_causal_llama(torch.float64)
+    pairs = {i: p for i, p in enumerate(random_pairs(4))}
+    results = []
+    for checkpointing in (False, True):
+        trainer = _trainer(lm, optimizer="adam", lr=1e-3, subset_size=4, batch_size=2, gradient_checkpointing=checkpointing)
+        assert all(layer.gradient_checkpointing == checkpointing for layer in lm.model.layers)
+        assert lm.training == checkpointing
+        ref = trainer.evaluate(list(pairs), pairs)
+        trainer.train(list(pairs), 0, pairs, ref)
+        results.append(trainer.evaluate(list(pairs), pairs))
+        trainer.restore()
+    for row in pairs:
+        assert results[0][row] == pytest.approx(results[1][row], rel=1e-9)
+    assert results[0] != ref
+
+
+# ------------------------------------------------------------------ subsets
+def _score_table(n=40, missing=()):
+    import pyarrow as pa
+
+    gen = torch.Generator().manual_seed(0)
+    status = ["ok"] * n
+    for i in missing:
+        status[i] = "too_long"
+    cols = {"row_index": list(range(n)), "status": status}
+    for name in ("ches", "ln_ches", "edit_distance"):
+        cols[name] = [float(v) for v in torch.randn(n, generator=gen)]
+    return pa.table(cols)
+
+
+def test_subsets_follow_the_risk_direction_and_avoid_the_eval_set():
+    table = _score_table(60, missing=(3, 7))
+    config = ValidateConfig(by="ches,edit_distance", subsets="top,bottom,median,random", quantiles="0,1",
+                            subset_size=8, eval_size=10, batch_size=4)
+    plan = plan_subsets(table, config)
+    values = {m: table.column(m).to_pylist() for m in ("ches", "edit_distance")}
+    assert len(plan.eval_rows) == 10 and not {3, 7} & set(plan.eval_rows)
+    for (measure, name), rows in plan.subsets.items():
+        assert len(rows) == 8 and not set(rows) & set(plan.eval_rows) and not {3, 7} & set(rows)
+    pool = [i for i in range(60) if i not in (3, 7) and i not in plan.eval_rows]
+    ches_sorted = sorted(pool, key=lambda i: values["ches"][i])
+    assert plan.subsets[("ches", "top")] == sorted(ches_sorted[-8:])
+    assert plan.subsets[("ches", "bottom")] == sorted(ches_sorted[:8])
+    assert plan.subsets[("ches", "q1")] == plan.subsets[("ches", "top")]
+    assert plan.subsets[("ches", "q0")] == plan.subsets[("ches", "bottom")]
+    start = round((len(pool) - 1) / 2) - 4  # the official code's quantile slice
+    assert plan.subsets[("ches", "median")] == sorted(ches_sorted[start : start + 8])
+    # Lower edit distance = riskier: top holds the smallest values.
+    ed_sorted = sorted(pool, key=lambda i: values["edit_distance"][i])
+    assert plan.subsets[("edit_distance", "top")] == sorted(ed_sorted[:8])
+    assert plan.subsets[("ches", "random")] == plan.subsets[("edit_distance", "random")]
+    # Another seed draws another eval set and random subset.
+    other = plan_subsets(table, ValidateConfig(by="ches", subsets="random", subset_size=8, eval_size=10, batch_size=4, seed=1))
+    assert other.eval_rows != plan.eval_rows
+
+
+def test_too_few_rows_says_how_many_there_are_and_are_needed():
+    table = _score_table(30, missing=(0, 1))
+    with pytest.raises(BadDataError, match=r"has 28 scored .* needs 34"):
+        plan_subsets(table, ValidateConfig(by="ches", subsets="top,bottom,random", subset_size=12, eval_size=10, batch_size=4))
+    with pytest.raises(BadDataError, match="no last_hidden_ip column"):
+        plan_subsets(table, ValidateConfig(by="ches,last_hidden_ip", subset_size=4, eval_size=2, batch_size=4))
+
+
+def test_config_refuses_bad_values():
+    for kwargs, pattern in (
+        (dict(subset_size=4, batch_size=8), "smaller than `--batch-size 8`"),
+        (dict(subsets="top,worst"), "`--subsets` got worst"),
+        (dict(lr=0.0), "`--lr` must be a positive number"),
+        (dict(lr=-1e-5), "`--lr` must be a positive number"),
+        (dict(lr=float("nan")), "`--lr` must be a finite number"),
+        (dict(by="ches,bogus"), "`--by` got bogus"),
+        (dict(quantiles="0,1.5"), "`--quantiles`"),
+        (dict(optimizer="lion"), "`--optimizer`"),
+        (dict(repeats=0), "`--repeats`"),
+        (dict(subsets="", quantiles=None), "nothing to train on|`--subsets`"),
+    ):
+        with pytest.raises(BadFlagError, match=pattern):
+            ValidateConfig(**kwargs)
+    assert ValidateConfig(subsets="", quantiles="0,0.5,1").subset_names == ("q0", "q0.5", "q1")
+
+
+# ------------------------------------------------------------------ CLI
+def _hh_subset(tmp_path, n=24) -> str:
+    lines = EXAMPLE_HH.read_text(encoding="utf-8").splitlines()[:n]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+SMALL = ["--by", "ches,ln_ches", "--subsets", "top,bottom,random", "--subset-size", "4", "--eval-size", "4",
+         "--batch-size", "2", "--lr", "1e-3", "-q"]
+
+
+def test_cli_runs_scores_and_is_deterministic(tmp_path, tiny_model_dir):
+    import pyarrow.parquet as pq
+
+    data = _hh_subset(tmp_path)
+    runner = CliRunner()
+    first = runner.invoke(main, ["validate", data, "-o", str(tmp_path / "a"), "--model", str(tiny_model_dir), *SMALL])
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "a"
+    assert {"scores.parquet", "validate.parquet", "summary.json", "validate.png"} <= {p.name for p in out.iterdir()}
+    assert "verdict (ches)" in first.output and "verdict (ln_ches)" in first.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainings"] == 5  # random trained once for both measures
+    for entry in summary["subsets"]:
+        for key in ("measure", "subset", "n", "mean_dlogp_chosen", "mean_dlogp_rejected", "mean_dlogp_chosen_per_token",
+                    "frac_chosen_decreased", "eval_mean_dlogp_chosen", "seconds"):
+            assert entry[key] is not None, key
+    table = pq.read_table(out / "validate.parquet")
+    assert table.num_rows == 6 * (4 + 4)
+    assert set(table.column("set").to_pylist()) == {"subset", "eval"}
+    assert any(v != 0 for v in table.column("dlogp_chosen").to_pylist())
+    # Same seed, reusing the first run's scores: the same numbers.
+    second = runner.invoke(main, ["validate", data, "-o", str(tmp_path / "b"), "--model", str(tiny_model_dir),
+                                  "--scores", str(out / "scores.parquet"), *SMALL])
+    assert second.exit_code == 0, second.output
+    assert pq.read_table(tmp_path / "b" / "validate.parquet").equals(table)
+    again = json.loads((tmp_path / "b" / "summary.json").read_text())
+
+    def strip(s):
+        return [{k: v for k, v in e.items() if k not in ("seconds", "per_seed")} for e in s["subsets"]]
+
+    assert strip(again) == strip(summary)
+    # The report shows the validate results; a directory without them is refused before anything is written.
+    rep = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep"), "--validate", str(out)])
+    assert rep.exit_code == 0, rep.output
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Validate: DPO on subsets" in html and "verdict (ches)" in html and html.count("data:image/png") == 3
+    bad = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep2"), "--validate", str(tmp_path)])
+    assert bad.exit_code == 1 and "`--validate`" in _error_line(bad) and not (tmp_path / "rep2").exists()
+    # Another seed: another batch order and random subset, other numbers.
+    third = runner.invoke(main, ["validate", data, "-o", str(tmp_path / "c"), "--model", str(tiny_model_dir),
+                                 "--scores", str(out / "scores.parquet"), "--seed", "1", *SMALL])
+    assert third.exit_code == 0, third.output
+    assert not pq.read_table(tmp_path / "c" / "validate.parquet").equals(table)
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, code, pattern", [
+    (["--subset-size", "4", "--batch-size", "8"], 2, "smaller than `--batch-size 8`"),
+    (["--subsets", "top,worst"], 2, "`--subsets` got worst"),
+    (["--lr", "0"], 2, "`--lr` must be a positive number"),
+    (["--lr", "-1e-6"], 2, "`--lr` must be a positive number"),
+    (["--subset-size", "140", "--eval-size", "20", "--subsets", "top,bottom"], 1, "has 299 scored .* needs 300"),
+    (["--subset-size", "200"], 1, "has 300 rows but validate needs at least 464"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, args, code, pattern):
+    import re
+
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(tmp_path / "out"), "--scores", str(GOLDEN), *args])
+    assert result.exit_code == code, result.output
+    assert re.search(pattern, _error_line(result))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_by_measure_missing_from_scores(tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(GOLDEN)
+    pq.write_table(table.drop_columns(["last_hidden_ip"]), tmp_path / "scores.parquet")
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(tmp_path / "out"), "--scores",
+                                       str(tmp_path / "scores.parquet"), "--by", "ches,last_hidden_ip"])
+    assert result.exit_code == 1, result.output
+    assert "no last_hidden_ip column" in _error_line(result)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_output_dir_checks(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--scores", str(GOLDEN)])
+    assert result.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(result)
+    # Inside the input's directory, or a file where the directory should go.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "hh.jsonl").write_text(EXAMPLE_HH.read_text(encoding="utf-8"), encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(data_dir), "-o", str(data_dir / "v"), "--scores", str(GOLDEN)])
+    assert result.exit_code == 2 and "inside the input directory" in _error_line(result)
+    (tmp_path / "file").write_text("x")
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(tmp_path / "file"), "--scores", str(GOLDEN), "--overwrite"])
+    assert result.exit_code == 2 and "not a directory" in _error_line(result)
+    # A score file of another input.
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(EXAMPLE_HH.read_text(encoding="utf-8").splitlines()[1:]) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["validate", str(other), "-o", str(tmp_path / "o2"), "--scores", str(GOLDEN)])
+    assert result.exit_code == 1 and "`--scores`" in _error_line(result)
+
+
+def test_plot_is_skipped_without_matplotlib(monkeypatch, caplog):
+    import sys
+
+    from ches_filter.validate import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with caplog.at_level("WARNING", logger="ches_filter"):
+        assert plot({"subsets": [], "config": {"repeats": 1}}) is None
+    assert sum("matplotlib is not installed" in r.message for r in caplog.records) == 1
