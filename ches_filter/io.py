@@ -744,7 +744,7 @@ def check_paths(
                 # Replacing the output directory would delete the input with it.
                 raise BadFlagError(
                     f"{_flag(name)}{path} is a directory that contains {what}; choose a different "
-                    f"{_flag(name) or 'output'}."
+                    f"{_flag(name).strip() or 'output'}."
                 )
     for i, (name, path) in enumerate(outs):
         for other_name, other in outs[:i]:
@@ -769,7 +769,7 @@ def check_paths(
         if not os.path.isdir(parent):
             raise BadFlagError(
                 f"the directory {parent} for {_flag(name)}{path} does not exist; create it "
-                f"first or choose another {_flag(name) or 'output'}."
+                f"first or choose another {_flag(name).strip() or 'output'}."
             )
 
 
