@@ -308,6 +308,9 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
         ctx = click.get_current_context()
         check_score_settings(scores, config, _explicit(ctx, ScoreConfig))
     else:
+        from .run import WorkDir
+
+        WorkDir(work_dir).check_shape()  # a foreign directory is refused before the input is read
         _check_model_early(config)
     result = prune_pairs(input, prune_config, scores=scores, score_config=config, job=job, output=output)
     if result is None:  # a torchrun rank other than 0: rank 0 writes

@@ -213,3 +213,14 @@ def test_prune_under_torchrun_equals_one_process(tmp_path, tiny_model_dir):
     assert out.read_bytes() == single.read_bytes()
     assert (tmp_path / "dp_rejects.jsonl").read_bytes() == (tmp_path / "single_rejects.jsonl").read_bytes()
     assert done.stdout.count("kept:") == 1  # rank 0 reports
+
+
+def test_prune_refuses_a_foreign_work_dir_before_reading_anything(tmp_path, hh12, tiny):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    before = listing(tmp_path)
+    result = invoke("prune", hh12, "--keep", 0.5, "-o", tmp_path / "kept.jsonl", *tiny[:-1], "--work-dir", junk)
+    assert result.exit_code == 2 and "notes.txt" in result.output
+    assert "read 12 rows" not in result.output  # refused before the input was opened
+    assert listing(tmp_path) == before
