@@ -362,7 +362,7 @@ def measure_displacement(
 
     from .batching import PairEncoder
     from .model import load_model
-    from .scoring import load_input
+    from .scoring import _source_name, load_input
 
     config = config or DisplacementConfig()
     score_config = score_config or ScoreConfig()
@@ -442,7 +442,7 @@ def measure_displacement(
         "token_layout": score_config.layout,
         "use_chat_template": encoder.use_chat_template,
         "columns": dataclasses.asdict(columns),
-        "input": str(data) if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else None,
+        "input": _source_name(data),
         "num_rows": len(ds),
         "config": dataclasses.asdict(config),
         "summary": summary,

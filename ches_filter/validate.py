@@ -503,6 +503,7 @@ def run_validate(
     from .batching import PairEncoder
     from .formats import normalize_row
     from .io import read_table, write_table
+    from .run.pipeline import input_paths
     from .scoring import check_scores_belong, load_input
 
     started = time.perf_counter()
@@ -512,7 +513,7 @@ def run_validate(
         raise BadFlagError("validate trains one model on one device; drop `--device-map` and pick `--device`")
     output_dir = os.fspath(output_dir)
     own_scores = os.path.join(output_dir, "scores.parquet")
-    inputs = [os.fspath(data)] if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else []
+    inputs = input_paths(data)
     if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
         inputs.append(os.fspath(scores))  # a previous run's OUT_DIR/scores.parquet may be reused in place
     _check_output_dir(output_dir, inputs, overwrite)
