@@ -2,6 +2,7 @@
 
     python benchmarks/bench_validate.py --random-init llama-1b --device cuda --dtype bfloat16 --n 64
     python benchmarks/bench_validate.py --device cpu --n 16 --eval 16       # the embedded model
+    python benchmarks/bench_validate.py --device cpu --n 8 --eval 4 --max-batch-tokens 8192 [--gradient-checkpointing]
 
 Runs one measure (CHES) x top/bottom subsets of the shipped HH sample against its
 golden score file, one epoch of Adam, float32 master weights (``--dtype bfloat16``
@@ -22,6 +23,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+def _peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random-init", default=None, help="a NAMED_CONFIGS shape of bench_score.py (e.g. llama-1b)")
@@ -29,6 +36,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--n", type=int, default=64, help="pairs per subset")
     parser.add_argument("--eval", type=int, default=64, help="eval pairs")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass (compare the peak memory without it)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="padded tokens per micro-batch (default: 512 on CPU, 65536 on CUDA); a whole batch of 8 "
+                             "pairs in one micro-batch makes the activations the largest term")
     parser.add_argument("--out", default="gpu_check_out/validate")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
@@ -62,8 +74,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     summary = run_validate(
         str(REPO / "examples" / "data" / "hh_rlhf_harmless_300.jsonl"), args.out,
-        ValidateConfig(by="ches", subsets="top,bottom", subset_size=args.n, eval_size=args.eval),
-        ScoreConfig(dtype=args.dtype, device=args.device, quiet=True),
+        ValidateConfig(by="ches", subsets="top,bottom", subset_size=args.n, eval_size=args.eval,
+                       gradient_checkpointing=args.gradient_checkpointing),
+        ScoreConfig(dtype=args.dtype, device=args.device, quiet=True, max_batch_tokens=args.max_batch_tokens),
         scores=str(REPO / "tests" / "golden" / "hh300_scores.parquet"), overwrite=True, model=model,
     )
     seconds = time.perf_counter() - started
@@ -71,7 +84,10 @@ def main(argv=None) -> int:
         print(line)
     result = {
         "model": model.info.get("model"), "device": args.device, "dtype": args.dtype, "n": args.n, "eval": args.eval,
-        "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "gradient_checkpointing": args.gradient_checkpointing, "max_batch_tokens": args.max_batch_tokens,
+        "seconds": seconds, "phase_seconds": summary["phase_seconds"],
+        # CUDA: the allocator's peak; CPU: the process's peak resident set (model load included).
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else _peak_rss_gib(),
         "logprob_path": summary["logprob_path"], "autocast": summary["autocast"], "trainings": summary["trainings"],
         "steps_per_training": summary["subsets"][0]["steps"],
     }
