@@ -41,12 +41,13 @@ rule is applied to logical positions, which restart for the rejected branch.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -57,7 +58,9 @@ from .strategies import ENGINE_CHOICES, STRATEGIES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Engine", "PairStates", "STRATEGIES", "packed_support", "packed_rows", "tree_mask"]
+__all__ = [
+    "Engine", "PairStates", "STRATEGIES", "packed_support", "packed_rows", "tree_mask", "default_workers", "ordered_map",
+]
 
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 _PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
@@ -81,6 +84,49 @@ class PairStates:
     s_rejected: torch.Tensor
     last_chosen: torch.Tensor
     last_rejected: torch.Tensor
+
+
+def default_workers(device: Any) -> int:
+    """Forward passes to run side by side: on CPU one per intra-op thread (at most 4), elsewhere 1 (see :class:`Engine`)."""
+    return min(torch.get_num_threads(), _MAX_CPU_WORKERS) if torch.device(device).type == "cpu" else 1
+
+
+@contextlib.contextmanager
+def split_cpu_threads(device: Any, workers: int) -> Iterator[None]:
+    """On CPU, give each of ``workers`` side-by-side passes an equal share of the intra-op threads; restored on exit.
+
+    Intra-op threads are a process-wide setting; on a GPU the workers only
+    overlap host work with device work, so nothing changes there.
+    """
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu" and workers > 1:
+        torch.set_num_threads(max(1, threads // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, device: Any) -> Iterator[Any]:
+    """``fn`` over ``items``, up to ``workers`` at once on threads, results yielded in the items' order.
+
+    At most ``workers`` results exist at a time (the next item starts when the
+    oldest result is taken), so memory holds ``workers`` results, not all.
+    Each call runs exactly as it would alone (with its share of the CPU
+    threads), so a caller that combines the results in this order gets the
+    same numbers whatever finishes first.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    with split_cpu_threads(device, workers), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-worker") as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -282,7 +328,7 @@ class Engine:
         self.layer_types = getattr(self.config, "layer_types", None)
         self.cache_argument = _cache_argument(decoder)
         if workers is None:
-            workers = min(torch.get_num_threads(), _MAX_CPU_WORKERS) if self.device.type == "cpu" else 1
+            workers = default_workers(self.device)
         if int(workers) < 1:
             raise ValueError(f"workers must be at least 1, got {workers!r}")
         self.workers = int(workers)
@@ -351,13 +397,7 @@ class Engine:
                 if batch is not None:
                     self._finish(batch, self._attempt(pairs, batch), queue, costs, out, on_progress)
             return out
-        threads = torch.get_num_threads()
-        if self.device.type == "cpu":
-            # Each worker runs its forward passes single-threaded (intra-op
-            # threads are a process-wide setting, restored below). On a GPU the
-            # workers only overlap host work with device work.
-            torch.set_num_threads(max(1, threads // workers))
-        try:
+        with split_cpu_threads(self.device, workers):
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-engine") as pool:
                 pending: dict[Future, list[int]] = {}
                 while queue or pending:
@@ -368,8 +408,6 @@ class Engine:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     for future in done:
                         self._finish(pending.pop(future), future.result(), queue, costs, out, on_progress)
-        finally:
-            torch.set_num_threads(threads)
         return out
 
     def _next_batch(self, queue: deque, costs: Sequence[int]) -> list[int] | None:

@@ -177,7 +177,8 @@ class _Trainer:
     def __init__(self, loaded: Any, config: ValidateConfig, score_config: ScoreConfig) -> None:
         import torch
 
-        from .logprobs import packed_is_exact
+        from .engine import default_workers
+        from .logprobs import _head_is_exact, packed_is_exact
         from .model import resolve_dtype
 
         self.lm = loaded.decoder
@@ -205,6 +206,13 @@ class _Trainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = int(pad)
         self.budget = score_config.max_batch_tokens
+        # On CPU, the no-gradient passes run micro-batches side by side on
+        # single-threaded workers, as the scoring engine's batches do
+        # (`--engine-workers`): 10-15 % faster here. Training steps stay one
+        # pass over all threads: side by side (gradients added in order) they
+        # were 6-8 % slower on this 2-core CPU (docs/validate.md).
+        self.workers = score_config.engine_workers or default_workers(self.device)
+        _head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
 
     def restore(self) -> None:
         import torch
@@ -235,9 +243,13 @@ class _Trainer:
 
     def evaluate(self, rows: Sequence[int], encoded: dict[int, Any]) -> dict[int, tuple[float, float]]:
         """``{row: (log π(y+), log π(y-))}`` without gradients, in token-budget batches."""
+        from .engine import ordered_map
+
         out = {}
-        for batch in self._micro_batches(rows, encoded):
-            got = self.logprobs([encoded[r] for r in batch], grad=False)
+        batches = self._micro_batches(rows, encoded)
+        results = ordered_map(lambda batch: self.logprobs([encoded[r] for r in batch], grad=False), batches,
+                              self.workers, self.device)
+        for batch, got in zip(batches, results):
             for j, r in enumerate(batch):
                 out[r] = (float(got.chosen[j]), float(got.rejected[j]))
         return out

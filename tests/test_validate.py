@@ -20,6 +20,7 @@ from ches_filter.validate import dpo_loss, plan_subsets
 from conftest import EXAMPLE_HH
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "hh300_scores.parquet"
+_THREADS = torch.get_num_threads()
 
 
 def tiny_causal_llama(dtype=torch.float32, seed=0):
@@ -186,6 +187,54 @@ def test_micro_batches_give_the_batch_gradient():
     assert len(_trainer(lm, subset_size=6, batch_size=6)._micro_batches(list(pairs), pairs)) == 1
     for row in pairs:
         assert results[0][row] == pytest.approx(results[1][row], rel=1e-10)
+
+
+def test_side_by_side_workers_give_the_serial_numbers_and_are_deterministic():
+    """Log-prob passes on 2 or 3 worker threads: the numbers of one worker, and the same bits on every run."""
+    lm = tiny_causal_llama(torch.float64)
+    pairs = {i: p for i, p in enumerate(random_pairs(6))}
+    results = {}
+    for run, workers in enumerate((1, 2, 2, 3)):
+        trainer = _trainer(lm, optimizer="adam", lr=1e-3, subset_size=6, batch_size=3)
+        trainer.budget, trainer.workers = 40, workers
+        assert len(trainer._micro_batches(list(pairs)[:3], pairs)) >= 2  # every batch really is split
+        ref = trainer.evaluate(list(pairs), pairs)
+        info = trainer.train(list(pairs), 0, pairs, ref)
+        results[run] = (ref, info["loss_last"], trainer.evaluate(list(pairs), pairs))
+        trainer.restore()
+    assert torch.get_num_threads() == _THREADS  # the intra-op threads are given back
+    assert results[1] == results[2]  # bit for bit, whatever finished first
+    for run in (1, 3):
+        for a, b in zip(results[0], results[run]):
+            assert a == pytest.approx(b, rel=1e-12)  # float64: only the threads' rounding differs
+    assert results[0][2] != results[0][0]
+
+
+def test_ordered_map_keeps_order_bounds_what_is_in_flight_and_raises():
+    import threading
+    import time
+
+    from ches_filter.engine import ordered_map
+
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def slow(i):
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.02 * (5 - i % 5))  # early items finish last
+        with lock:
+            live[0] -= 1
+        if i == 7:
+            raise ValueError("item 7")
+        return i * i
+
+    assert list(ordered_map(slow, range(7), 3, "cpu")) == [i * i for i in range(7)]
+    assert peak[0] <= 3 and torch.get_num_threads() == _THREADS
+    with pytest.raises(ValueError, match="item 7"):
+        list(ordered_map(slow, range(10), 2, "cpu"))
+    assert torch.get_num_threads() == _THREADS
+    assert list(ordered_map(slow, range(3), 1, "cpu")) == [0, 1, 4]
 
 
 def test_gradient_checkpointing_takes_the_same_steps():
