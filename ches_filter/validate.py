@@ -208,9 +208,9 @@ class _Trainer:
         self.budget = score_config.max_batch_tokens
         # On CPU, the no-gradient passes run micro-batches side by side on
         # single-threaded workers, as the scoring engine's batches do
-        # (`--engine-workers`): 10-15 % faster here. Training steps stay one
+        # (`--engine-workers`): 4-16 % faster here. Training steps stay one
         # pass over all threads: side by side (gradients added in order) they
-        # were 6-8 % slower on this 2-core CPU (docs/validate.md).
+        # were 7-9 % slower on this 2-core CPU (docs/validate.md).
         self.workers = score_config.engine_workers or default_workers(self.device)
         _head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
 
