@@ -2,7 +2,7 @@
 
     python benchmarks/bench_validate.py --random-init llama-1b --device cuda --dtype bfloat16 --n 64
     python benchmarks/bench_validate.py --device cpu --n 16 --eval 16       # the embedded model
-    python benchmarks/bench_validate.py --device cpu --n 8 --eval 4 --max-batch-tokens 8192 [--gradient-checkpointing]
+    python benchmarks/bench_validate.py --device cpu --n 8 --eval 4 --max-batch-tokens 2048 [--gradient-checkpointing]
 
 Runs one measure (CHES) x top/bottom subsets of the shipped HH sample against its
 golden score file, one epoch of Adam, float32 master weights (``--dtype bfloat16``
