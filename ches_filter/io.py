@@ -1105,6 +1105,21 @@ def _bad_json_column(row: dict) -> str:
     return "?"
 
 
+def with_metadata(table: "pyarrow.Table", metadata: dict) -> "pyarrow.Table":
+    """``table`` with ``metadata`` stored as JSON under ``b"ches_filter"`` (its other schema metadata kept).
+
+    Raises:
+        TypeError: ``metadata`` is not JSON-serializable.
+    """
+    try:
+        blob = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"write_table metadata is not JSON-serializable: {exc}") from exc
+    merged = dict(table.schema.metadata or {})
+    merged[METADATA_KEY] = blob
+    return table.replace_schema_metadata(merged)
+
+
 def write_table(
     table: "pyarrow.Table",
     path: str,
@@ -1131,13 +1146,7 @@ def write_table(
     path = os.fspath(path)
     check_output_path(path, inputs=[], overwrite=overwrite)
     if metadata is not None:
-        try:
-            blob = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"write_table metadata is not JSON-serializable: {exc}") from exc
-        merged = dict(table.schema.metadata or {})
-        merged[METADATA_KEY] = blob
-        table = table.replace_schema_metadata(merged)
+        table = with_metadata(table, metadata)
     try:
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp)

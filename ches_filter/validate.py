@@ -27,6 +27,7 @@ for each measure.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -36,7 +37,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .config import ScoreConfig, ValidateConfig
@@ -483,12 +484,35 @@ def _check_output_dir(output_dir: str, inputs: list[str], overwrite: bool) -> No
     check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    from .io import atomic_path
+def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, png: bytes | None) -> None:
+    """``validate.parquet``, ``summary.json`` and ``validate.png``: all of them or none.
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+    Each goes to a temporary sibling first; only when every one is on disk are
+    they renamed into place, so a full disk or a refused write leaves an
+    earlier run's outputs whole (never a new table beside an old summary).
+    """
+    import pyarrow.parquet as pq
+
+    from .io import atomic_path, with_metadata
+
+    table = with_metadata(table, metadata)
+    files: list[tuple[str, Callable[[str], None]]] = [
+        ("validate.parquet", lambda tmp: pq.write_table(table, tmp)),
+        ("summary.json", lambda tmp: _write_file(tmp, json.dumps(summary, indent=2, ensure_ascii=False).encode())),
+    ]
+    if png is not None:
+        files.append(("validate.png", lambda tmp: _write_file(tmp, png)))
+    with contextlib.ExitStack() as stack:
+        for name, write in files:
+            write(stack.enter_context(atomic_path(os.path.join(output_dir, name))))
+    stale = os.path.join(output_dir, "validate.png")
+    if png is None and os.path.exists(stale):
+        os.remove(stale)  # an earlier run's plot beside this run's numbers would mislead
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
 
 
 def run_validate(
@@ -519,17 +543,10 @@ def run_validate(
     Returns:
         The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
     """
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
-    from .batching import PairEncoder
-    from .formats import normalize_row
-    from .io import read_table, write_table
     from .run.pipeline import input_paths
-    from .scoring import check_scores_belong, load_input
+    from .run.workdir import WorkDir
 
     started = time.perf_counter()
-    phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
     config = config or ValidateConfig()
     score_config = score_config or ScoreConfig()
     if score_config.device_map:
@@ -540,7 +557,30 @@ def run_validate(
     if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
         inputs.append(os.fspath(scores))  # a previous run's OUT_DIR/scores.parquet may be reused in place
     _check_output_dir(output_dir, inputs, overwrite)
+    # One run per OUT_DIR, from before the input is read until the outputs are
+    # in place: a second run (even with --overwrite) is refused, naming this one.
+    lock = WorkDir(output_dir).acquire(name="validate")
+    try:
+        return _run_locked(data, output_dir, config, score_config, scores, overwrite, model, progress, inputs, started)
+    finally:
+        WorkDir.release(lock)
 
+
+def _run_locked(
+    data: Any, output_dir: str, config: ValidateConfig, score_config: ScoreConfig, scores: str | None, overwrite: bool,
+    model: Any, progress: bool | None, inputs: list[str], started: float,
+) -> dict:
+    """:func:`run_validate` once its paths are checked and OUT_DIR is locked."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    from .batching import PairEncoder
+    from .formats import normalize_row
+    from .io import read_table
+    from .scoring import check_scores_belong, load_input
+
+    phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
+    own_scores = os.path.join(output_dir, "scores.parquet")
     ds, layout, columns = load_input(data, score_config)
     need = needed_rows(config)
     if len(ds) < need:
@@ -684,11 +724,6 @@ def run_validate(
     png = plot(summary)
     summary["seconds"] = time.perf_counter() - started
     meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
-    write_table(out_table, os.path.join(output_dir, "validate.parquet"), metadata=meta_out, overwrite=True)
-    _write_bytes(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=2, ensure_ascii=False).encode())
-    if png is not None:
-        _write_bytes(os.path.join(output_dir, "validate.png"), png)
-    elif os.path.exists(os.path.join(output_dir, "validate.png")):
-        os.remove(os.path.join(output_dir, "validate.png"))  # a stale plot of an earlier run would mislead
+    _write_outputs(output_dir, out_table, meta_out, summary, png)
     summary["table"] = format_table(summary)
     return summary

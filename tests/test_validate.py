@@ -482,3 +482,95 @@ def test_plot_is_skipped_without_matplotlib(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="ches_filter"):
         assert plot({"subsets": [], "config": {"repeats": 1}}) is None
     assert sum("matplotlib is not installed" in r.message for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------ one run per OUT_DIR, all outputs or none
+def _listing(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_trains(tmp_path, tiny_model_dir, monkeypatch):
+    """The lock covers the whole run (training included), whatever the spelling of OUT_DIR and with --overwrite."""
+    import os
+    import threading
+
+    from ches_filter import validate as validate_module
+    from ches_filter.validate import run_validate
+
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    training, release = threading.Event(), threading.Event()
+    original = validate_module._Trainer.train
+
+    def slow_train(self, *args, **kwargs):
+        training.set()
+        assert release.wait(120)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(validate_module._Trainer, "train", slow_train)
+    errors = []
+
+    def first():
+        try:
+            run_validate(data, str(out), ValidateConfig(by="ches", subsets="top,bottom", subset_size=4, eval_size=4,
+                                                        batch_size=2, lr=1e-3),
+                         ScoreConfig(model=str(tiny_model_dir), quiet=True))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    try:
+        assert training.wait(120), errors
+        (tmp_path / "alias").symlink_to(out)
+        before = _listing(out)
+        for spelling in (str(out), str(tmp_path / "alias"), f"{out}/./", str(tmp_path / "x" / ".." / "out")):
+            result = CliRunner().invoke(main, ["validate", data, "-o", spelling, "--model", str(tiny_model_dir),
+                                               "--overwrite", *SMALL])
+            assert result.exit_code == 2, result.output
+            line = _error_line(result)
+            assert "another ches-filter run is using" in line and f"pid {os.getpid()}" in line, line
+            assert _listing(out) == before  # the refused run wrote nothing
+    finally:
+        release.set()
+        thread.join(300)
+    assert not errors, errors
+    assert {p.name for p in out.iterdir()} == {"scores.parquet", "validate.parquet", "summary.json", "validate.png"}
+
+
+def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs(tmp_path, tiny_model_dir, monkeypatch):
+    import errno
+    import socket
+
+    import ches_filter.io as io_module
+
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    (out / "locks").mkdir(parents=True)
+    # A run killed on this host: its pid is gone (a pid beyond pid_max is never alive).
+    (out / "locks" / "validate.lock").write_text(json.dumps({"pid": 2**30, "host": socket.gethostname(), "started": "x"}))
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), "--overwrite", *SMALL]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert not (out / "locks").exists()
+    names = ("validate.parquet", "summary.json", "validate.png")
+    earlier = {name: (out / name).read_bytes() for name in names}
+
+    # The disk fills while the plot is flushed: the new table and summary must not replace the earlier ones.
+    real_fsync = io_module._fsync_tree
+
+    def full_disk(path):
+        if "validate.png" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+
+    monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
+    result = CliRunner().invoke(main, [*args, "--seed", "7"])
+    assert result.exit_code == 1, result.output
+    assert "no space left on" in _error_line(result)
+    assert {name: (out / name).read_bytes() for name in names} == earlier
+    assert sorted(p.name for p in out.iterdir()) == sorted(["scores.parquet", *names])  # no temporaries, no lock
+    monkeypatch.setattr(io_module, "_fsync_tree", real_fsync)
+    result = CliRunner().invoke(main, [*args, "--seed", "7"])
+    assert result.exit_code == 0, result.output
+    assert (out / "validate.parquet").read_bytes() != earlier["validate.parquet"]

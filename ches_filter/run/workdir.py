@@ -8,6 +8,8 @@ Layout (datatrove style; default ``OUTPUT.parts/``)::
     completions/shard-00000-of-00001.json  shard 0 of 1 has every one of its parts
     locks/shard-00000-of-00001.lock        held by the running process of that shard (pid, host)
 
+``validate`` locks its output directory the same way (``OUT_DIR/locks/validate.lock``).
+
 Every file is written through one atomic writer (:func:`ches_filter.io.atomic_path`):
 a temporary sibling, fsync, rename. A file on disk is therefore always
 complete, and a full disk or a refused write is one line naming the path, with
@@ -212,8 +214,8 @@ class WorkDir:
     def lock_path(self, shard: int, num_shards: int) -> str:
         return os.path.join(self.locks_dir, f"shard-{shard:05d}-of-{num_shards:05d}.lock")
 
-    def acquire(self, shard: int, num_shards: int) -> str:
-        """Take the lock of one shard; refuse at once if a live run holds it.
+    def acquire(self, shard: int = 0, num_shards: int = 1, *, name: str | None = None) -> str:
+        """Take the lock of one shard (or the lock ``locks/NAME.lock``); refuse at once if a live run holds it.
 
         The lock file is created with ``O_CREAT | O_EXCL`` and holds the pid,
         host and start time of its owner. A lock whose owner ran on this host
@@ -226,7 +228,7 @@ class WorkDir:
         Raises:
             BadFlagError: another run holds the lock; nothing was written.
         """
-        path = self.lock_path(shard, num_shards)
+        path = self.lock_path(shard, num_shards) if name is None else os.path.join(self.locks_dir, f"{name}.lock")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
         with writing(path):
             os.makedirs(self.locks_dir, exist_ok=True)
@@ -244,7 +246,7 @@ class WorkDir:
                     continue
                 who = (f"pid {owner.get('pid')} on host {owner.get('host')}, started {owner.get('started')}"
                        if owner else "a process whose lock file is unreadable")
-                shard_text = f" (shard {shard} of {num_shards})" if num_shards > 1 else ""
+                shard_text = f" (shard {shard} of {num_shards})" if name is None and num_shards > 1 else ""
                 raise BadFlagError(
                     f"another ches-filter run is using the work directory {self.path}{shard_text}: {who}. "
                     f"Wait for it to finish; if it is no longer running, delete {path} and rerun"
