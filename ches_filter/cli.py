@@ -420,7 +420,7 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
 @click.option("--quantiles", default=None, help="Also n-pair slices centred on these quantiles of the risk ranking (0 = safest, 1 = riskiest), e.g. 0,0.5,1.")
 @click.option("--subset-size", type=int, default=64, show_default=True, help="Pairs per subset (n).")
 @click.option("--eval-size", type=int, default=64, show_default=True, help="Held-out pairs (seeded, in no subset) whose change is measured too.")
-@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per subset (batch order, random subset); >1 gives the seed spread.")
+@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per subset, at most 1000: each draws another batch order (the subsets and the eval set stay those of --seed); >1 gives the seed spread.")
 @click.option("--epochs", type=int, default=1, show_default=True, help="Passes over each subset.")
 @click.option("--beta", type=float, default=0.1, show_default=True, help="DPO beta (reference = the initial model).")
 @click.option("--optimizer", type=click.Choice(("adam", "rmsprop", "sgd")), default="adam", show_default=True, help="adam and rmsprop with torch's defaults besides --lr.")

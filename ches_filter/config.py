@@ -285,9 +285,15 @@ def _number(flag: str, value, *, positive: bool) -> None:
         raise BadFlagError(f"`--{flag}` must be a positive number, got {value!r}")
 
 
-def _whole(flag: str, value, minimum: int) -> None:
+def _whole(flag: str, value, minimum: int, maximum: int | None = None, why: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise BadFlagError(f"`--{flag}` must be a whole number >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise BadFlagError(f"`--{flag}` must be at most {maximum:,}, got {value!r}{why}")
+
+
+#: Upper bound of ``--repeats`` (each repeat trains every subset once more).
+MAX_REPEATS = 1000
 
 
 @dataclass
@@ -303,7 +309,9 @@ class ValidateConfig:
             (0 = safest, 1 = riskiest); each adds an n-pair slice centred there (``q0.5``).
         subset_size: n, pairs per subset.
         eval_size: held-out pairs (seeded, disjoint from every subset) whose change is measured too.
-        repeats: seeds per subset (``seed``, ``seed + 1``, ...): batch order and the random subset.
+        repeats: seeds per subset (``seed``, ``seed + 1``, ...), at most :data:`MAX_REPEATS`: each
+            draws another batch order; the subsets themselves (the random one included) and the
+            eval set are fixed by ``seed``, so the spread is that of training alone.
         epochs: passes over each subset.
         beta: DPO's beta (reference = the initial model).
         optimizer: ``adam`` (torch defaults), ``rmsprop`` or ``sgd``.
@@ -341,15 +349,17 @@ class ValidateConfig:
                     f"`--quantiles` got {self.quantiles!r}; give comma-separated numbers in [0, 1] "
                     "(0 = safest, 1 = riskiest), e.g. `--quantiles 0,0.5,1`"
                 )
-            self.quantiles = ",".join(dict.fromkeys(format(q, "g") for q in values))
+            self.quantiles = ",".join(dict.fromkeys(format(q + 0.0, "g") for q in values))  # + 0.0: -0 is 0
         if not self.subsets and not self.quantiles:
             raise BadFlagError("nothing to train on: give `--subsets` (top, bottom, median, random) or `--quantiles`")
         _whole("subset-size", self.subset_size, 1)
         _whole("eval-size", self.eval_size, 0)
-        _whole("repeats", self.repeats, 1)
+        _whole("repeats", self.repeats, 1, MAX_REPEATS, f" (each repeat trains every subset again; {MAX_REPEATS} "
+               "already measures a seed spread far below float noise)")
         _whole("epochs", self.epochs, 1)
         _whole("batch-size", self.batch_size, 1)
-        _whole("seed", self.seed, 0)
+        # Seeds seed .. seed + repeats - 1 are stored as 64-bit integers (validate.parquet's `seed` column).
+        _whole("seed", self.seed, 0, 2**63 - self.repeats, f" with `--repeats {self.repeats}` (seeds are 64-bit)")
         _number("beta", self.beta, positive=True)
         _number("lr", self.lr, positive=True)
         _choice("optimizer", self.optimizer, VALIDATE_OPTIMIZERS)

@@ -24,7 +24,7 @@ import re
 import shutil
 import socket
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadDataError, BadFlagError, ChesFilterError
@@ -712,19 +712,12 @@ def check_paths(
             that exists without ``overwrite`` or whose directory is missing.
     """
     outs = _named(outputs)
+    for name, path in outs:
+        if not os.fspath(path):
+            raise BadFlagError(f"{_flag(name) or 'the output '}is an empty path; give the path to write.")
     ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
     may_exist = set(may_exist)
-    for in_name, source in _named(inputs):
-        if not os.path.lexists(source) and _GLOB_CHARS & set(source):
-            for name, path in outs:
-                # fnmatch's `*` also matches `/`: it may refuse a little more than glob would read, never less.
-                if fnmatch.fnmatchcase(os.path.abspath(path), os.path.abspath(source)) or fnmatch.fnmatchcase(
-                    os.path.realpath(path), os.path.realpath(os.path.dirname(source)) + os.sep + os.path.basename(source)
-                ):
-                    raise BadFlagError(
-                        f"{_flag(name)}{path} matches the input pattern {_flag(in_name)}{source}, so the next run "
-                        f"would read it as input; choose {_flag(name) or 'an output '}that the pattern does not match."
-                    )
+    check_not_matched(outs, inputs)
     # Inputs first: clobbering what is read is the worse outcome, so name it even when outputs clash too.
     for name, path in outs:
         for in_name, source in ins:
@@ -766,11 +759,39 @@ def check_paths(
         if name not in may_exist and os.path.lexists(path) and not overwrite:
             raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
         parent = os.path.dirname(os.path.abspath(path))
+        # As spelled too: `missing/../out` normalises to an existing parent, but
+        # creating it (os.makedirs) would first create `missing/`.
+        spelled = os.path.dirname(os.fspath(path).rstrip(os.sep)) or os.curdir
+        if not os.path.isdir(spelled):
+            parent = spelled
         if not os.path.isdir(parent):
             raise BadFlagError(
                 f"the directory {parent} for {_flag(name)}{path} does not exist; create it "
                 f"first or choose another {_flag(name).strip() or 'output'}."
             )
+
+
+def check_not_matched(outputs: Any, inputs: Any) -> None:
+    """Refuses an output that an input glob matches (the next run would read it as input).
+
+    Args:
+        outputs: ``{flag: path}`` or ``(flag, path)`` pairs, as for :func:`check_paths`;
+            also the files a directory output will hold, which :func:`check_paths`
+            cannot list.
+        inputs: ``{name: source}`` or pairs; sources that exist or hold no glob
+            character are skipped.
+    """
+    for in_name, source in _named(inputs):
+        if not os.path.lexists(source) and _GLOB_CHARS & set(source):
+            for name, path in _named(outputs):
+                # fnmatch's `*` also matches `/`: it may refuse a little more than glob would read, never less.
+                if fnmatch.fnmatchcase(os.path.abspath(path), os.path.abspath(source)) or fnmatch.fnmatchcase(
+                    os.path.realpath(path), os.path.realpath(os.path.dirname(source)) + os.sep + os.path.basename(source)
+                ):
+                    raise BadFlagError(
+                        f"{_flag(name)}{path} matches the input pattern {_flag(in_name)}{source}, so the next run "
+                        f"would read it as input; choose {_flag(name) or 'an output '}that the pattern does not match."
+                    )
 
 
 def _clash(path: str, other: str) -> str | None:
@@ -936,21 +957,46 @@ def atomic_path(path: str) -> Iterator[str]:
         ChesFilterError: the file system refused the write (full disk,
             permissions): one line naming the path; the temporary is removed.
     """
-    target = os.path.abspath(os.fspath(path))
-    tmp = _sibling(target, "tmp")
+    with atomic_paths([path]) as (tmp,), writing(path):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
+    """Like :func:`atomic_path` for outputs that belong together: all of them replace their paths, or none.
+
+    The body writes every temporary. Then each is flushed to disk (``fsync``,
+    where a full disk or an I/O error surfaces) before the first rename, so a
+    failure anywhere leaves every earlier output untouched; the renames that
+    follow stay in their own directories and need no space.
+
+    Yields:
+        One temporary sibling per path, in order. An ``OSError`` of the body is
+        not translated (the body knows which file it was writing: wrap it in
+        :func:`writing`); one of the flush or the renames names its path.
+    """
+    named = [os.fspath(p) for p in paths]
+    targets = [os.path.abspath(p) for p in named]
+    tmps = [_sibling(target, "tmp") for target in targets]
     try:
-        with writing(path):
-            _remove(tmp)  # left behind by a killed run that had the same host and pid
-            yield tmp
+        for tmp, path in zip(tmps, named):
+            with writing(path):
+                _remove(tmp)  # left behind by a killed run that had the same host and pid
+        yield tmps
+        for tmp, path in zip(tmps, named):
             if not os.path.lexists(tmp):
-                raise RuntimeError(f"atomic_path body wrote nothing at {tmp}")
-            _fsync_tree(tmp)
-            _commit(tmp, target)
+                raise RuntimeError(f"atomic_paths body wrote nothing at {tmp}")
+            with writing(path):
+                _fsync_tree(tmp)
+        for tmp, target, path in zip(tmps, targets, named):
+            with writing(path):
+                _commit(tmp, target)
     finally:
-        try:
-            _remove(tmp)  # a no-op after a successful commit
-        except OSError as exc:
-            logger.warning("could not remove temporary %s: %s", tmp, exc)
+        for tmp in tmps:
+            try:
+                _remove(tmp)  # a no-op after a successful commit
+            except OSError as exc:
+                logger.warning("could not remove temporary %s: %s", tmp, exc)
 
 
 def write_dataset(ds: "datasets.Dataset", path: str, *, overwrite: bool = False) -> None:
@@ -1001,15 +1047,15 @@ def write_datasets(items: Iterable[tuple[str | None, "datasets.Dataset", str]], 
             _check_json_types(ds, flag, path)
         kinds.append(kind)
     try:
-        with contextlib.ExitStack() as stack:
-            for (flag, ds, path), kind in zip(items, kinds):
-                tmp = stack.enter_context(atomic_path(path))
-                if kind == "parquet":
-                    ds.to_parquet(tmp)
-                elif kind == "jsonl":
-                    _write_jsonl(ds, tmp, flag, path)
-                else:
-                    ds.save_to_disk(tmp)
+        with atomic_paths([path for _, _, path in items]) as tmps:
+            for (flag, ds, path), kind, tmp in zip(items, kinds, tmps):
+                with writing(path):
+                    if kind == "parquet":
+                        ds.to_parquet(tmp)
+                    elif kind == "jsonl":
+                        _write_jsonl(ds, tmp, flag, path)
+                    else:
+                        ds.save_to_disk(tmp)
     except OSError as exc:
         raise ChesFilterError(f"could not write {' or '.join(p for _, _, p in items)} ({_reason(exc)}).") from exc
     for (_flag_name, ds, path), kind in zip(items, kinds):

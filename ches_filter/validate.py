@@ -27,7 +27,6 @@ for each measure.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -41,7 +40,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from .config import ScoreConfig, ValidateConfig
-from .errors import BadDataError, BadFlagError
+from .errors import BadDataError, BadFlagError, ChesFilterError
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +125,41 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
             f"the scores have no {', '.join(missing)} column (measures present: {', '.join(present) or 'none'}); "
             f"drop it from `--by` or rescore with `ches-filter score --measures {','.join(dict.fromkeys(present + missing))}`"
         )
-    status = scores.column("status").to_pylist()
+    import pyarrow.types as pat
+
+    for m in config.by_list:
+        kind = scores.schema.field(m).type
+        if not (pat.is_floating(kind) or pat.is_integer(kind) or pat.is_null(kind)):
+            raise BadDataError(
+                f"the scores' {m} column holds {kind} values, not numbers; pass a score file written by `ches-filter score`"
+            )
+    # Row i of the input is the score row whose row_index is i, whatever order the file's rows are in, so the
+    # eval draw and the random subset depend on the input and the seed only.
     row_index = scores.column("row_index").to_pylist()
-    values = {m: scores.column(m).to_pylist() for m in config.by_list}
+    bad = next((r for r in row_index if not isinstance(r, int) or not 0 <= r < len(row_index)), None)
+    if bad is not None or len(set(row_index)) != len(row_index):
+        what = f"{bad!r} (rows are 0..{len(row_index) - 1})" if bad is not None else "a repeated value"
+        raise BadDataError(
+            f"the scores' row_index column holds {what}: it must number the input's rows 0..n-1 once each; "
+            "pass a score file written by `ches-filter score` for this input"
+        )
+    order = sorted(range(len(row_index)), key=row_index.__getitem__)
+
+    def in_input_order(name: str) -> list:
+        column = scores.column(name).to_pylist()
+        return [column[i] for i in order]
+
+    status = in_input_order("status")
+    values = {m: in_input_order(m) for m in config.by_list}
+    row_index = list(range(len(order)))
+    for m in config.by_list:
+        for r in row_index:
+            v = values[m][r]
+            if status[r] == "ok" and v is not None and math.isinf(v):
+                raise BadDataError(
+                    f"the scores' {m} is {v} at row_index {r} (status ok); `ches-filter score` marks such rows "
+                    "`non_finite`: rescore, or pass a score file written by it"
+                )
     usable = [
         i for i in range(len(status))
         if status[i] == "ok" and all(values[m][i] is not None and not math.isnan(values[m][i]) for m in config.by_list)
@@ -299,6 +330,11 @@ class _Trainer:
                     loss.backward()
                     total += float(loss.detach())
                     del got, loss
+                if not math.isfinite(total):
+                    raise ChesFilterError(
+                        f"training diverged: the DPO loss is {total} at step {len(losses) + 1} (lr {self.config.lr:g}, "
+                        f"beta {self.config.beta:g}, {self.config.optimizer}); lower `--lr`"
+                    )
                 opt.step()
                 losses.append(total)
                 if on_step is not None:
@@ -476,12 +512,36 @@ def plot(summary: dict) -> bytes | None:
 
 
 # ------------------------------------------------------------------ pipeline
-def _check_output_dir(output_dir: str, inputs: list[str], overwrite: bool) -> None:
-    from .io import check_output_path
+#: The files a finished run leaves in OUT_DIR, written together (:func:`_write_outputs`).
+OUTPUT_FILES = ("validate.parquet", "summary.json", "validate.png")
+#: What an unfinished run leaves: its scores (kept with their parts until the outputs are written) and its lock.
+_WORK_ENTRIES = frozenset({"scores.parquet", "scores.parquet.parts", "locks"})
 
+
+def _unfinished(output_dir: str) -> bool:
+    """OUT_DIR holds nothing but an unfinished run's work (or nothing): the same command resumes it."""
+    if not os.path.isdir(output_dir):
+        return False
+    names = os.listdir(output_dir)
+    # Hidden names are temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's.
+    return all(name in _WORK_ENTRIES or name.startswith(".") for name in names)
+
+
+def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite: bool) -> bool:
+    """Refuse an OUT_DIR that clashes with an input, exists without ``overwrite`` or is not a directory.
+
+    Returns:
+        True when OUT_DIR is an unfinished run to resume (accepted without ``overwrite``).
+    """
+    from .io import check_not_matched, check_paths
+
+    resume = not overwrite and _unfinished(output_dir)
+    check_paths({"--output": output_dir}, inputs, overwrite=overwrite, may_exist={"--output"} if resume else ())
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise BadFlagError(f"`--output` {output_dir} exists and is not a directory; validate writes a directory")
-    check_output_path(output_dir, inputs=inputs, overwrite=overwrite)
+    # The files inside OUT_DIR too: an input pattern must not match what this run writes there.
+    check_not_matched([("--output", os.path.join(output_dir, name)) for name in (*OUTPUT_FILES, "scores.parquet")], inputs)
+    return resume
 
 
 def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, png: bytes | None) -> None:
@@ -493,21 +553,38 @@ def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, p
     """
     import pyarrow.parquet as pq
 
-    from .io import atomic_path, with_metadata
+    from .io import atomic_paths, with_metadata, writing
 
     table = with_metadata(table, metadata)
     files: list[tuple[str, Callable[[str], None]]] = [
         ("validate.parquet", lambda tmp: pq.write_table(table, tmp)),
-        ("summary.json", lambda tmp: _write_file(tmp, json.dumps(summary, indent=2, ensure_ascii=False).encode())),
+        ("summary.json", lambda tmp: _write_file(tmp, _json_bytes(summary))),
     ]
     if png is not None:
         files.append(("validate.png", lambda tmp: _write_file(tmp, png)))
-    with contextlib.ExitStack() as stack:
-        for name, write in files:
-            write(stack.enter_context(atomic_path(os.path.join(output_dir, name))))
+    paths = [os.path.join(output_dir, name) for name, _ in files]
+    with atomic_paths(paths) as tmps:
+        for (_, write), tmp, path in zip(files, tmps, paths):
+            with writing(path):
+                write(tmp)
     stale = os.path.join(output_dir, "validate.png")
     if png is None and os.path.exists(stale):
         os.remove(stale)  # an earlier run's plot beside this run's numbers would mislead
+
+
+def _json_bytes(summary: dict) -> bytes:
+    """Strict JSON: a value that is not a finite number (none is expected) is written as null, not NaN."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(summary), indent=2, ensure_ascii=False, allow_nan=False).encode()
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -554,23 +631,33 @@ def run_validate(
     output_dir = os.fspath(output_dir)
     own_scores = os.path.join(output_dir, "scores.parquet")
     inputs = input_paths(data)
+    named = [("INPUT", path) for path in inputs]
     if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
-        inputs.append(os.fspath(scores))  # a previous run's OUT_DIR/scores.parquet may be reused in place
-    _check_output_dir(output_dir, inputs, overwrite)
+        named.append(("--scores", os.fspath(scores)))  # a previous run's OUT_DIR/scores.parquet may be reused in place
+    resume = _check_output_dir(output_dir, named, overwrite)
     # One run per OUT_DIR, from before the input is read until the outputs are
     # in place: a second run (even with --overwrite) is refused, naming this one.
+    existed = os.path.isdir(output_dir)
     lock = WorkDir(output_dir).acquire(name="validate")
     try:
-        return _run_locked(data, output_dir, config, score_config, scores, overwrite, model, progress, inputs, started)
+        return _run_locked(data, output_dir, config, score_config, scores, overwrite, resume, model, progress, inputs,
+                           started)
     finally:
-        WorkDir.release(lock)
+        # A refused run leaves no directory it created; one that was there stays (even empty, even `.`).
+        WorkDir.release(lock, remove_dir=not existed)
 
 
 def _run_locked(
     data: Any, output_dir: str, config: ValidateConfig, score_config: ScoreConfig, scores: str | None, overwrite: bool,
-    model: Any, progress: bool | None, inputs: list[str], started: float,
+    resume: bool, model: Any, progress: bool | None, inputs: list[str], started: float,
 ) -> dict:
-    """:func:`run_validate` once its paths are checked and OUT_DIR is locked."""
+    """:func:`run_validate` once its paths are checked and OUT_DIR is locked.
+
+    Scoring keeps its work directory (``OUT_DIR/scores.parquet.parts``) until
+    the outputs are written, so rerunning the same command after a failure
+    (full disk, Ctrl-C, too few usable rows) does not score again; with
+    ``overwrite`` an earlier run's work is discarded and everything is redone.
+    """
     import pyarrow as pa
     from tqdm.auto import tqdm
 
@@ -579,8 +666,12 @@ def _run_locked(
     from .io import read_table
     from .scoring import check_scores_belong, load_input
 
+    from .run.workdir import WorkDir, default_work_dir
+
     phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
     own_scores = os.path.join(output_dir, "scores.parquet")
+    if resume and os.listdir(output_dir) != ["locks"]:
+        logger.info("%s holds an unfinished run: resuming it (its finished scoring is reused)", output_dir)
     ds, layout, columns = load_input(data, score_config)
     need = needed_rows(config)
     if len(ds) < need:
@@ -605,9 +696,10 @@ def _run_locked(
 
         wanted = ",".join(dict.fromkeys(score_config.measure_list + config.by_list))
         scoring = dataclasses.replace(score_config, measures=wanted)
-        os.makedirs(output_dir, exist_ok=True)
+        if overwrite:
+            WorkDir(default_work_dir(own_scores)).remove()  # an earlier run's parts: start over
         t0 = time.perf_counter()
-        score_to_file(data, own_scores, scoring, JobConfig(), overwrite=overwrite, progress=progress)
+        score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite, progress=progress)
         phases["scoring"] = time.perf_counter() - t0
         table, meta = read_table(own_scores)
         plan = plan_subsets(table, config)
@@ -674,6 +766,13 @@ def _run_locked(
                 job.update(trainer.train(job["rows"], job["seed"], encoded, ref, on_step=lambda: bar.update(1)))
                 t1 = time.perf_counter()
                 job["after"] = trainer.evaluate(sorted(set(job["rows"]) | set(plan.eval_rows)), encoded)
+                broken = [row for row, got in job["after"].items() if not all(math.isfinite(v) for v in got)]
+                if broken:
+                    raise ChesFilterError(
+                        f"training diverged: after training {job['key_owner']} (seed {job['seed']}) log π of "
+                        f"{len(broken)} pair(s) is not finite (first: row {broken[0]}); lower `--lr` "
+                        f"(now {config.lr:g})"
+                    )
                 job["seconds"] = time.perf_counter() - t0
                 phases["training"] += t1 - t0
                 phases["evaluation"] += job["seconds"] - (t1 - t0)
@@ -725,5 +824,7 @@ def _run_locked(
     summary["seconds"] = time.perf_counter() - started
     meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
     _write_outputs(output_dir, out_table, meta_out, summary, png)
+    if scores is None:
+        WorkDir(default_work_dir(own_scores)).remove()  # kept until now for a rerun after a failure
     summary["table"] = format_table(summary)
     return summary

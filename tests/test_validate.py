@@ -353,10 +353,41 @@ def test_config_refuses_bad_values():
         (dict(optimizer="lion"), "`--optimizer`"),
         (dict(repeats=0), "`--repeats`"),
         (dict(subsets="", quantiles=None), "nothing to train on|`--subsets`"),
+        (dict(repeats=10**12), "`--repeats` must be at most 1,000"),
+        (dict(seed=2**63), "`--seed` must be at most"),
+        (dict(seed=2**63 - 2, repeats=3), "`--seed` must be at most .* with `--repeats 3`"),
     ):
         with pytest.raises(BadFlagError, match=pattern):
             ValidateConfig(**kwargs)
     assert ValidateConfig(subsets="", quantiles="0,0.5,1").subset_names == ("q0", "q0.5", "q1")
+    # -0 is 0: one slice, not `q0` and `q-0`.
+    assert ValidateConfig(subsets="", quantiles="0,-0,0.0,1").subset_names == ("q0", "q1")
+    assert ValidateConfig(seed=2**63 - 3, repeats=3).seed == 2**63 - 3
+
+
+def test_the_plan_follows_row_index_not_the_order_of_the_score_file():
+    """A score file whose rows were sorted (by CHES, say) gives the same eval set and subsets."""
+    table = _score_table(60)
+    config = ValidateConfig(by="ches", subsets="top,bottom,random", subset_size=8, eval_size=10, batch_size=4)
+    shuffled = table.take(sorted(range(60), key=lambda i: table.column("ches")[i].as_py()))
+    a, b = plan_subsets(table, config), plan_subsets(shuffled, config)
+    assert (a.eval_rows, a.subsets, a.scores) == (b.eval_rows, b.subsets, b.scores)
+
+
+@pytest.mark.parametrize("change, pattern", [
+    (lambda cols: cols.update(row_index=[r + 1000 for r in cols["row_index"]]), r"row_index column holds 1000 \(rows are 0..39\)"),
+    (lambda cols: cols.update(row_index=[0] * 40), "row_index column holds a repeated value"),
+    (lambda cols: cols.update(ches=[str(v) for v in cols["ches"]]), "ches column holds string values, not numbers"),
+    (lambda cols: cols["ches"].__setitem__(5, float("inf")), "ches is inf at row_index 5 .status ok."),
+    (lambda cols: cols["ches"].__setitem__(6, float("-inf")), "ches is -inf at row_index 6"),
+])
+def test_a_hostile_score_file_is_refused(change, pattern):
+    import pyarrow as pa
+
+    cols = _score_table(40).to_pydict()
+    change(cols)
+    with pytest.raises(BadDataError, match=pattern):
+        plan_subsets(pa.table(cols), ValidateConfig(by="ches", subsets="top,bottom", subset_size=4, eval_size=4, batch_size=4))
 
 
 # ------------------------------------------------------------------ CLI
@@ -523,6 +554,7 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_trains(tmp_
     try:
         assert training.wait(120), errors
         (tmp_path / "alias").symlink_to(out)
+        (tmp_path / "x").mkdir()
         before = _listing(out)
         for spelling in (str(out), str(tmp_path / "alias"), f"{out}/./", str(tmp_path / "x" / ".." / "out")):
             result = CliRunner().invoke(main, ["validate", data, "-o", spelling, "--model", str(tiny_model_dir),
@@ -549,28 +581,114 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
     (out / "locks").mkdir(parents=True)
     # A run killed on this host: its pid is gone (a pid beyond pid_max is never alive).
     (out / "locks" / "validate.lock").write_text(json.dumps({"pid": 2**30, "host": socket.gethostname(), "started": "x"}))
-    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), "--overwrite", *SMALL]
-    result = CliRunner().invoke(main, args)
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), *SMALL]
+    result = CliRunner().invoke(main, args)  # an OUT_DIR holding only a dead run's lock is resumed without --overwrite
     assert result.exit_code == 0, result.output
-    assert not (out / "locks").exists()
     names = ("validate.parquet", "summary.json", "validate.png")
+    assert sorted(p.name for p in out.iterdir()) == sorted(["scores.parquet", *names])  # no lock, no parts
     earlier = {name: (out / name).read_bytes() for name in names}
 
-    # The disk fills while the plot is flushed: the new table and summary must not replace the earlier ones.
+    # The disk fills while one of the outputs is flushed: none of the new ones may replace an earlier one.
     real_fsync = io_module._fsync_tree
+    for failing in names:
+        def full_disk(path, failing=failing):
+            if f".{failing}.tmp-" in path:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real_fsync(path)
 
-    def full_disk(path):
-        if "validate.png" in path:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(path)
-
-    monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
-    result = CliRunner().invoke(main, [*args, "--seed", "7"])
-    assert result.exit_code == 1, result.output
-    assert "no space left on" in _error_line(result)
-    assert {name: (out / name).read_bytes() for name in names} == earlier
-    assert sorted(p.name for p in out.iterdir()) == sorted(["scores.parquet", *names])  # no temporaries, no lock
+        monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
+        result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
+        assert result.exit_code == 1, result.output
+        assert "no space left on" in _error_line(result) and failing in _error_line(result)
+        assert {name: (out / name).read_bytes() for name in names} == earlier, failing
+        # No temporaries, no lock; the scoring's parts stay for the rerun.
+        assert sorted(p.name for p in out.iterdir()) == sorted(["scores.parquet", "scores.parquet.parts", *names])
     monkeypatch.setattr(io_module, "_fsync_tree", real_fsync)
-    result = CliRunner().invoke(main, [*args, "--seed", "7"])
+    result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
     assert result.exit_code == 0, result.output
     assert (out / "validate.parquet").read_bytes() != earlier["validate.parquet"]
+
+
+def test_rerunning_the_same_command_after_a_failure_resumes_without_rescoring(tmp_path, tiny_model_dir, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from ches_filter import validate as validate_module
+
+    data = _hh_subset(tmp_path)
+    reference = CliRunner().invoke(main, ["validate", data, "-o", str(tmp_path / "ref"), "--model", str(tiny_model_dir), *SMALL])
+    assert reference.exit_code == 0, reference.output
+
+    out = tmp_path / "out"
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), *SMALL]
+    original = validate_module._Trainer.train
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validate_module._Trainer, "train", interrupted)
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code != 0 and "Traceback" not in first.output
+    assert {p.name for p in out.iterdir()} == {"scores.parquet", "scores.parquet.parts"}  # lock released, scores kept
+    scored = (out / "scores.parquet").stat().st_mtime_ns
+    monkeypatch.setattr(validate_module._Trainer, "train", original)
+
+    calls = []
+    monkeypatch.setattr(validate_module._Trainer, "train", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    import ches_filter.run.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "assemble", lambda *a, **k: pytest.fail("rescored / reassembled on resume"))
+    again = CliRunner().invoke(main, args)  # the same command, no --overwrite
+    assert again.exit_code == 0, again.output
+    assert calls and (out / "scores.parquet").stat().st_mtime_ns == scored
+    assert {p.name for p in out.iterdir()} == {"scores.parquet", "validate.parquet", "summary.json", "validate.png"}
+    assert pq.read_table(out / "validate.parquet").drop_columns([]).equals(pq.read_table(tmp_path / "ref" / "validate.parquet"))
+    # Finished: the same command now needs --overwrite.
+    third = CliRunner().invoke(main, args)
+    assert third.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(third)
+
+
+def test_a_diverging_run_is_an_error_not_a_verdict(tmp_path, tiny_model_dir):
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["validate", data, "-o", str(out), "--model", str(tiny_model_dir),
+                                       *[a if a != "1e-3" else "1e308" for a in SMALL]])
+    assert result.exit_code == 1, result.output
+    assert "training diverged" in _error_line(result) and "lower `--lr`" in _error_line(result)
+    assert not (out / "summary.json").exists() and not (out / "validate.parquet").exists()
+
+
+def test_paths_validate_refuses_or_keeps(tmp_path, monkeypatch):
+    """An empty -o, a failed run in an existing (empty) OUT_DIR or `.`, clashes named by flag, an input glob."""
+    import os
+
+    base = [str(EXAMPLE_HH), "--scores", str(GOLDEN), "--subset-size", "200"]  # 300 rows < 464 needed: exit 1
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(main, ["validate", "-o", "", *base])
+    assert result.exit_code == 2 and "`--output` is an empty path" in _error_line(result)
+    assert work.is_dir()
+    for out in (str(work), ".", "./"):
+        result = CliRunner().invoke(main, ["validate", "-o", out, "--overwrite", *base])
+        assert result.exit_code == 1, result.output
+        assert work.is_dir() and not any(work.iterdir())  # the run's lock went, the directory it found stays
+    # Clashes name the flag of the input.
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(EXAMPLE_HH), "--scores", str(GOLDEN), "--overwrite"])
+    assert result.exit_code == 2 and "`INPUT`" in _error_line(result)
+    (tmp_path / "sc").mkdir()
+    (tmp_path / "sc" / "s.parquet").write_bytes(GOLDEN.read_bytes())
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(tmp_path / "sc"), "--scores",
+                                       str(tmp_path / "sc" / "s.parquet"), "--overwrite"])
+    assert result.exit_code == 2 and "`--scores`" in _error_line(result)
+    # An input pattern that would match a file OUT_DIR will hold (summary.json), with --scores.
+    (tmp_path / "g" / "data").mkdir(parents=True)
+    (tmp_path / "g" / "data" / "hh.jsonl").write_text(EXAMPLE_HH.read_text(encoding="utf-8"), encoding="utf-8")
+    pattern = str(tmp_path / "g" / "*" / "*.json*")
+    result = CliRunner().invoke(main, ["validate", pattern, "-o", str(tmp_path / "g" / "out"), "--scores", str(GOLDEN)])
+    assert result.exit_code == 2 and "matches the input pattern" in _error_line(result) and "summary.json" in _error_line(result)
+    assert not (tmp_path / "g" / "out").exists()
+    # A parent spelled through a missing directory is refused, and not created.
+    result = CliRunner().invoke(main, ["validate", "-o", str(tmp_path / "stray" / ".." / "o"), *base])
+    assert result.exit_code == 2 and "does not exist" in _error_line(result)
+    assert not (tmp_path / "stray").exists() and not (tmp_path / "o").exists()
+    assert os.getcwd() == str(work)

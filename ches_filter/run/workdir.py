@@ -236,9 +236,18 @@ class WorkDir:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    raise BadFlagError(
+                        f"{path} is a directory where ches-filter keeps a lock file; nothing of ours made it, so it "
+                        "is not deleted: remove it and rerun"
+                    ) from None
                 owner = self._lock_owner(path)
                 if self._stale(owner, path):
-                    logger.warning("taking over the stale lock of pid %s on %s (no such process)", owner.get("pid"), owner.get("host"))
+                    if owner is None:
+                        logger.warning("taking over the unreadable lock %s (older than %.0f s)", path, _UNREADABLE_LOCK_S)
+                    else:
+                        logger.warning("taking over the stale lock of pid %s on %s (no such process)",
+                                       owner.get("pid"), owner.get("host"))
                     try:
                         os.unlink(path)
                     except FileNotFoundError:
@@ -287,18 +296,19 @@ class WorkDir:
         pid = owner.get("pid")
         return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
 
-    def _remove_if_empty(self) -> None:
-        for directory in (self.locks_dir, self.path):
+    def _remove_if_empty(self, remove_dir: bool = True) -> None:
+        for directory in (self.locks_dir, self.path) if remove_dir else (self.locks_dir,):
             try:
                 os.rmdir(directory)
             except OSError:
                 return
 
     @staticmethod
-    def release(lock: str | None) -> None:
+    def release(lock: str | None, *, remove_dir: bool = True) -> None:
         """Delete a lock this process holds (a no-op once the directory is gone).
 
-        The ``locks`` directory and the work directory itself go too when that
+        The ``locks`` directory and (unless ``remove_dir`` is False: a directory
+        that existed before the run) the work directory itself go too when that
         leaves them empty: a run that only took the lock leaves nothing behind.
         """
         if lock is None:
@@ -310,7 +320,7 @@ class WorkDir:
                 os.unlink(lock)
         except (OSError, ValueError, AttributeError):
             return
-        WorkDir(os.path.dirname(os.path.dirname(lock)))._remove_if_empty()
+        WorkDir(os.path.dirname(os.path.dirname(lock)))._remove_if_empty(remove_dir)
 
     # -------------------------------------------------------------- remove
     def remove(self) -> None:
