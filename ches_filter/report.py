@@ -587,6 +587,9 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     config = config or ReportConfig()
     require_matplotlib()
     inputs = {name: os.fspath(s) for name, s in (("SCORES", scores), ("--data", data)) if isinstance(s, (str, os.PathLike))}
+    if validate is not None and os.path.lexists(validate):
+        # A directory, never a pattern: only an existing one can be replaced or deleted with the report's directory.
+        inputs["--validate"] = os.fspath(validate)
     check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite)
     loaded = _load_scores(scores)
     summary = summarize(loaded, config)
