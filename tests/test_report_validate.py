@@ -1,4 +1,4 @@
-"""`report --validate VDIR`: VDIR is an input of the path checks."""
+"""`report --validate VDIR`: VDIR is an input of the path checks, and a summary.json of the wrong shape is one error."""
 
 from __future__ import annotations
 
@@ -135,3 +135,121 @@ def test_report_next_to_validate_dir_is_allowed(tmp_path, monkeypatch):
     result = report("-o", "o_A2", "--validate", "o_A")
     assert result.exit_code == 0, result.output
     assert listing(tmp_path / "o_A") == before
+
+
+# ------------------------------------------ bug 2: the shape of summary.json
+def _with(path: str, value):
+    """A valid validate summary with the field at ``path`` (dotted, [i] for list items) set to ``value``."""
+    summary = validate_summary()
+    *parents, last = path.replace("[", ".").replace("]", "").split(".")
+    target = summary
+    for key in parents:
+        target = target[int(key)] if isinstance(target, list) else target[key]
+    if isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return summary
+
+
+HOSTILE = {
+    "subsets-of-numbers": ({"kind": "validate", "subsets": [1, 2]}, "subsets[0]", "a number (1)", "an object"),
+    "subsets-text": (_with("subsets", "top"), "subsets", "text", "a list of objects"),
+    "subsets-object": (_with("subsets", {"a": 1}), "subsets", "an object", "a list of objects"),
+    "subsets-missing": ({"kind": "validate"}, "subsets", "null", "a list of objects"),
+    "verdicts-number": ({"kind": "validate", "subsets": [], "verdicts": 5}, "verdicts", "a number (5)", "a list of text"),
+    "verdicts-text": (_with("verdicts", "all fine"), "verdicts", "text", "a list of text"),
+    "verdicts-item": (_with("verdicts[0]", {"x": 1}), "verdicts[0]", "an object", "text"),
+    "model-text": ({"kind": "validate", "subsets": [], "model": "x"}, "model", 'text ("x")', "an object"),
+    "model-list": (_with("model", ["tiny"]), "model", "a list", "an object"),
+    "model-name-number": (_with("model.model", 3), "model.model", "a number (3)", "text"),
+    "n-text-and-mean-list": ({"kind": "validate", "subsets": [{"measure": "ches", "n": "abc", "mean_dlogp_chosen": [1]}]},
+                             "subsets[0].n", 'text ("abc")', "a number or null"),
+    "mean-list": (_with("subsets[0].mean_dlogp_chosen", [1]), "subsets[0].mean_dlogp_chosen", "a list ([1])",
+                  "a number or null"),
+    "n-boolean": (_with("subsets[1].n", True), "subsets[1].n", "a boolean (true)", "a number or null"),
+    "seconds-object": (_with("subsets[2].seconds", {"s": 1}), "subsets[2].seconds", "an object", "a number or null"),
+    "fell-boolean": (_with("subsets[0].frac_chosen_decreased", False), "subsets[0].frac_chosen_decreased",
+                     "a boolean (false)", "a number or null"),
+    "measure-number": (_with("subsets[0].measure", 5), "subsets[0].measure", "a number (5)", "text"),
+    "subset-list": (_with("subsets[3].subset", ["top"]), "subsets[3].subset", "a list", "text"),
+}
+
+
+@pytest.mark.parametrize("summary, field, held, expected", HOSTILE.values(), ids=HOSTILE.keys())
+def test_report_refuses_a_validate_summary_of_the_wrong_shape(tmp_path, summary, field, held, expected):
+    vdir = make_vdir(tmp_path / "v", summary)
+    before = listing(tmp_path)
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 1, result.output
+    line = _error_line(result)
+    assert "Traceback" not in result.output
+    assert f"`--validate` {vdir}" in line and str(vdir / "summary.json") in line, line
+    assert f"`{field}` holds {held}" in line and f"where {expected}" in line and "is expected" in line, line
+    assert line.rstrip(".").endswith("pass another OUT_DIR of `ches-filter validate`"), line
+    assert listing(tmp_path) == before  # no report directory, no temporary
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ('[{"kind": "validate"}]', r"not a summary of `ches-filter validate`"),
+    ('{"kind": "score", "subsets": []}', r'`kind` text \("score"\), not `kind` "validate"'),
+    ('{"kind": "validate", "subsets": [', r"cannot read .*summary\.json"),
+    ("[" * 100000 + "]" * 100000, r"cannot read .*summary\.json"),
+    ("\udcff", r"cannot read .*summary\.json"),
+], ids=["list", "other-kind", "truncated", "deeply-nested", "not-utf8"])
+def test_report_refuses_a_file_that_is_no_validate_summary(tmp_path, text, pattern):
+    vdir = tmp_path / "v"
+    vdir.mkdir()
+    (vdir / "summary.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 1, result.output
+    import re
+
+    assert re.search(pattern, _error_line(result)) and not (tmp_path / "r").exists()
+
+
+def test_report_refuses_a_validate_png_that_is_a_directory(tmp_path):
+    vdir = make_vdir(tmp_path / "v")
+    (vdir / "validate.png").unlink()
+    (vdir / "validate.png").mkdir()
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 1, result.output
+    line = _error_line(result)
+    assert f"{vdir / 'validate.png'} is a directory" in line and "`--validate`" in line and "rerun validate" in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_refuses_a_summary_json_that_is_a_directory(tmp_path):
+    vdir = make_vdir(tmp_path / "v")
+    (vdir / "summary.json").unlink()
+    (vdir / "summary.json").mkdir()
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 1, result.output
+    assert f"{vdir / 'summary.json'} is a directory" in _error_line(result) and not (tmp_path / "r").exists()
+
+
+def test_report_without_validate_png_has_no_validate_plot(tmp_path):
+    vdir = make_vdir(tmp_path / "v")
+    (vdir / "validate.png").unlink()
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "Validate: DPO on subsets" in page and page.count("data:image/png") == 2
+
+
+def test_report_accepts_nan_infinity_and_nulls_in_a_validate_summary(tmp_path):
+    summary = validate_summary()
+    entry = summary["subsets"][0]
+    entry.update(mean_dlogp_chosen=float("nan"), mean_dlogp_rejected=float("inf"), seconds=float("-inf"),
+                 eval_mean_dlogp_chosen=None, n=10**30)
+    del entry["mean_chosen_tokens"]
+    summary["config"]["lr"] = float("nan")
+    summary["model"] = None
+    del summary["verdicts"]
+    text = json.dumps(summary)  # Python writes NaN, Infinity and -Infinity, and reads them back
+    assert "NaN" in text and "-Infinity" in text
+    vdir = make_vdir(tmp_path / "v", text=text)
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert ">nan<" in page and ">inf<" in page and ">-inf<" in page and str(10**30) in page
