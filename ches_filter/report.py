@@ -534,35 +534,130 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
 
 
 # ------------------------------------------------------------------- driver
+#: The per-subset fields of validate's summary.json that the report's table shows, in column order.
+_VALIDATE_TEXT = ("measure", "subset")
+_VALIDATE_NUMBERS = ("n", "mean_dlogp_chosen", "mean_dlogp_chosen_per_token", "mean_dlogp_rejected",
+                     "frac_chosen_decreased", "eval_mean_dlogp_chosen", "mean_chosen_tokens", "mean_rejected_tokens",
+                     "seconds")
+_VALIDATE_HEADS = ("measure", "subset", "n", "mean Δ log π(y+)", "per token", "mean Δ log π(y−)", "y+ fell",
+                   "eval Δ log π(y+)", "|y+|", "|y−|", "seconds")
+
+
+def _held(value: Any) -> str:
+    """What a JSON value is, for a message: its kind and (clipped) its text."""
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "text" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object")
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):  # pragma: no cover - json.load's values always dump
+        text = repr(value)
+    return f"{kind} ({_clip(text, 60)})"
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python but true/false in JSON: not a number to format.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _regular_file(path: str, what: str) -> bool:
+    """Whether ``path`` is a regular file; False when it is missing; BadDataError when it is something else."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise BadDataError(f"{what}: cannot read {path} ({exc.strerror or exc}); check the file, or rerun "
+                           "`ches-filter validate`") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise BadDataError(f"{what}: {path} is {kind} where validate writes a file; pass an OUT_DIR of "
+                           "`ches-filter validate`, or rerun validate into it")
+    return True
+
+
+def _check_validate_summary(summary: Any, what: str, path: str) -> None:
+    """Refuses a summary.json whose fields the section uses are not what ``ches-filter validate`` writes.
+
+    Text fields hold text, number fields a number or null (NaN and infinities
+    included; true/false are not numbers), ``verdicts`` a list of text,
+    ``model`` an object; a missing field shows as blank.
+    """
+    fix = "rerun `ches-filter validate` into it, or pass another OUT_DIR of `ches-filter validate`"
+
+    def refuse(field: str, value: Any, expected: str) -> None:
+        raise BadDataError(f"{what}: {path} field `{field}` holds {_held(value)} where {expected} is expected; {fix}")
+
+    if not isinstance(summary, dict) or summary.get("kind") != "validate":
+        kind = _held(summary.get("kind")) if isinstance(summary, dict) else _held(summary)
+        raise BadDataError(f"{what}: {path} is not a summary of `ches-filter validate` (it holds "
+                           f"{'`kind` ' if isinstance(summary, dict) else ''}{kind}, not `kind` \"validate\"); "
+                           "pass an OUT_DIR of `ches-filter validate`")
+    if not isinstance(summary.get("subsets"), list):
+        refuse("subsets", summary.get("subsets"), "a list of objects (one per measure and subset)")
+    for i, entry in enumerate(summary["subsets"]):
+        if not isinstance(entry, dict):
+            refuse(f"subsets[{i}]", entry, "an object (one measure and subset)")
+        for key in _VALIDATE_TEXT:
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                refuse(f"subsets[{i}].{key}", entry[key], "text")
+        for key in _VALIDATE_NUMBERS:
+            if entry.get(key) is not None and not _is_number(entry[key]):
+                refuse(f"subsets[{i}].{key}", entry[key], "a number or null")
+    verdicts = summary.get("verdicts")
+    if verdicts is not None:
+        if not isinstance(verdicts, list):
+            refuse("verdicts", verdicts, "a list of text lines")
+        for i, line in enumerate(verdicts):
+            if not isinstance(line, str):
+                refuse(f"verdicts[{i}]", line, "text")
+    model = summary.get("model")
+    if model is not None:
+        if not isinstance(model, dict):
+            refuse("model", model, "an object")
+        if model.get("model") is not None and not isinstance(model["model"], str):
+            refuse("model.model", model["model"], "text")
+
+
 def validate_section(validate_dir: str) -> str:
     """HTML of a ``ches-filter validate`` directory: its verdicts, its table and its plot.
 
     Raises:
-        BadDataError: the directory holds no readable ``summary.json`` of validate.
+        BadDataError: the directory holds no readable ``summary.json`` of
+            validate, one whose fields the section shows have another shape
+            than validate writes (the field named), or a ``validate.png`` that
+            is not a readable file.
     """
+    what = f"`--validate` {validate_dir}"
     path = os.path.join(os.fspath(validate_dir), "summary.json")
+    if not _regular_file(path, what):
+        raise BadDataError(f"{what}: {path} does not exist; pass an OUT_DIR of `ches-filter validate`")
     try:
         with open(path, encoding="utf-8") as handle:
             summary = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise BadDataError(f"`--validate` {validate_dir}: cannot read {path} ({exc}); pass an OUT_DIR of `ches-filter validate`") from None
-    if not isinstance(summary, dict) or summary.get("kind") != "validate" or not isinstance(summary.get("subsets"), list):
-        raise BadDataError(f"`--validate` {validate_dir}: {path} is not a summary of `ches-filter validate`")
-    keys = ("measure", "subset", "n", "mean_dlogp_chosen", "mean_dlogp_chosen_per_token", "mean_dlogp_rejected",
-            "frac_chosen_decreased", "eval_mean_dlogp_chosen", "mean_chosen_tokens", "mean_rejected_tokens", "seconds")
-    heads = ("measure", "subset", "n", "mean Δ log π(y+)", "per token", "mean Δ log π(y−)", "y+ fell", "eval Δ log π(y+)",
-             "|y+|", "|y−|", "seconds")
-    rows = [[f'<td class="num">{_num(e.get(k))}</td>' if k not in ("measure", "subset") else f"<td>{_esc(e.get(k))}</td>"
-             for k in keys] for e in summary["subsets"]]
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise BadDataError(f"{what}: cannot read {path} ({reason}); pass an OUT_DIR of `ches-filter validate`") from None
+    _check_validate_summary(summary, what, path)
+    rows = [[f"<td>{_esc(e.get(k))}</td>" for k in _VALIDATE_TEXT] + [f'<td class="num">{_num(e.get(k))}</td>'
+                                                                      for k in _VALIDATE_NUMBERS]
+            for e in summary["subsets"]]
     parts = ["<h2>Validate: DPO on subsets of the pairs</h2>",
              f'<p class="meta">{_esc(validate_dir)}: model <b>{_esc((summary.get("model") or {}).get("model"))}</b>, '
              f'{_esc(json.dumps(summary.get("config")))}</p>']
     parts += [f'<p class="note">{_esc(line)}</p>' for line in summary.get("verdicts") or []]
-    parts.append(_table(heads, rows))
+    parts.append(_table(_VALIDATE_HEADS, rows))
     png = os.path.join(os.fspath(validate_dir), "validate.png")
-    if os.path.exists(png):
-        with open(png, "rb") as handle:
-            data = base64.b64encode(handle.read()).decode("ascii")
+    if _regular_file(png, what):
+        try:
+            with open(png, "rb") as handle:
+                data = base64.b64encode(handle.read()).decode("ascii")
+        except OSError as exc:
+            raise BadDataError(f"{what}: cannot read {png} ({exc.strerror or exc}); check the file, or rerun "
+                               "`ches-filter validate`") from None
         parts.append(f'<img alt="change of log p(y+) per subset" src="data:image/png;base64,{data}">')
     return "\n".join(parts)
 
@@ -587,7 +682,12 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     config = config or ReportConfig()
     require_matplotlib()
     inputs = {name: os.fspath(s) for name, s in (("SCORES", scores), ("--data", data)) if isinstance(s, (str, os.PathLike))}
+    if validate is not None and os.path.lexists(validate):
+        # A directory, never a pattern: only an existing one can be replaced or deleted with the report's directory.
+        inputs["--validate"] = os.fspath(validate)
     check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite)
+    # Read before the scores are: a directory that is not validate's is refused before minutes of plotting.
+    section = validate_section(validate) if validate is not None else None
     loaded = _load_scores(scores)
     summary = summarize(loaded, config)
     excerpts = None
@@ -595,8 +695,8 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
         excerpts = load_excerpts(data, loaded.meta, summary["highest"] + summary["lowest"], config)
     images = {"histogram.png": plot_histogram(loaded, summary), "length.png": plot_lengths(loaded, summary, summary["by"])}
     page = render_html(loaded, summary, images, excerpts)
-    if validate is not None:
-        page = page.replace("</body></html>", validate_section(validate) + "\n</body></html>")
+    if section is not None:
+        page = page.replace("</body></html>", section + "\n</body></html>")
     with atomic_path(str(output_dir)) as tmp:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as handle:

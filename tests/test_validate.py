@@ -438,7 +438,9 @@ def test_cli_runs_scores_and_is_deterministic(tmp_path, tiny_model_dir):
     assert rep.exit_code == 0, rep.output
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "Validate: DPO on subsets" in html and "verdict (ches)" in html and html.count("data:image/png") == 3
-    bad = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep2"), "--validate", str(tmp_path)])
+    (tmp_path / "not_validate").mkdir()  # (tmp_path itself holds rep2: a path clash, exit 2)
+    bad = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep2"), "--validate",
+                               str(tmp_path / "not_validate")])
     assert bad.exit_code == 1 and "`--validate`" in _error_line(bad) and not (tmp_path / "rep2").exists()
     # Another seed: another batch order and random subset, other numbers.
     third = runner.invoke(main, ["validate", data, "-o", str(tmp_path / "c"), "--model", str(tiny_model_dir),
