@@ -428,7 +428,7 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per optimizer step (mean loss over the batch).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the eval draw, the random subset and the batch order.")
 @click.option("--gradient-checkpointing", is_flag=True, default=False, help="Recompute activations in the backward pass: less memory, slower.")
-@click.option("--overwrite", is_flag=True, default=False, help="Allow an existing OUTPUT directory (its files are replaced).")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace a finished run in OUTPUT and start over (scoring too); without it, the same command resumes an unfinished run there.")
 @score_options
 @_guarded
 def validate(input: str, output: str, scores: str | None, overwrite: bool, verbose: bool, **kwargs: Any) -> None:

@@ -612,7 +612,8 @@ def run_validate(
         score_config: how to read, score and load the model; the policy is float32
             (``--dtype`` other than float32 runs under autocast in that dtype).
         scores: a score file of exactly this input (checked by fingerprint).
-        overwrite: allow an existing ``output_dir`` (its files are replaced).
+        overwrite: replace a finished run in ``output_dir`` and start over (scoring too);
+            without it an unfinished run there (only its scores and lock) is resumed.
         model: a :class:`~ches_filter.model.LoadedModel` loaded ``with_lm_head`` in
             float32 (its weights are restored to the initial ones at the end).
         progress: show a progress bar per optimizer step (default: not ``score_config.quiet``).

@@ -224,3 +224,38 @@ def test_prune_refuses_a_foreign_work_dir_before_reading_anything(tmp_path, hh12
     assert result.exit_code == 2 and "notes.txt" in result.output
     assert "read 12 rows" not in result.output  # refused before the input was opened
     assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("content", ["", "[]", "{not json", "null"])
+def test_an_old_unreadable_lock_is_taken_over_and_a_young_one_refused(tmp_path, content, caplog):
+    """A crash between creating the lock and writing its record leaves it empty or garbled: after a minute it is stale."""
+    from ches_filter.errors import BadFlagError
+
+    work = WorkDir(str(tmp_path / "w"))
+    os.makedirs(work.locks_dir)
+    path = work.lock_path(0, 1)
+    with open(path, "w") as handle:
+        handle.write(content)
+    with pytest.raises(BadFlagError, match="unreadable"):
+        work.acquire(0, 1)
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    with caplog.at_level("WARNING", logger="ches_filter"):
+        lock = work.acquire(0, 1)
+    assert any("taking over the unreadable lock" in r.message for r in caplog.records)
+    with open(lock) as handle:
+        assert json.load(handle)["pid"] == os.getpid()
+    WorkDir.release(lock)
+    assert not os.path.exists(work.path)
+
+
+def test_a_directory_where_the_lock_goes_is_refused_and_kept(tmp_path):
+    from ches_filter.errors import BadFlagError
+
+    work = WorkDir(str(tmp_path / "w"))
+    os.makedirs(os.path.join(work.locks_dir, "validate.lock", "mine"))
+    old = time.time() - 3600
+    os.utime(os.path.join(work.locks_dir, "validate.lock"), (old, old))
+    with pytest.raises(BadFlagError, match="is a directory where ches-filter keeps a lock file"):
+        work.acquire(name="validate")
+    assert os.path.isdir(os.path.join(work.locks_dir, "validate.lock", "mine"))

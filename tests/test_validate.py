@@ -558,9 +558,10 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_trains(tmp_
         (tmp_path / "alias").symlink_to(out)
         (tmp_path / "x").mkdir()
         before = _listing(out)
-        for spelling in (str(out), str(tmp_path / "alias"), f"{out}/./", str(tmp_path / "x" / ".." / "out")):
+        spellings = (str(out), str(tmp_path / "alias"), f"{out}/./", str(tmp_path / "x" / ".." / "out"))
+        for spelling, extra in [(s, []) for s in spellings] + [(s, ["--overwrite"]) for s in spellings]:
             result = CliRunner().invoke(main, ["validate", data, "-o", spelling, "--model", str(tiny_model_dir),
-                                               "--overwrite", *SMALL])
+                                               *extra, *SMALL])
             assert result.exit_code == 2, result.output
             line = _error_line(result)
             assert "another ches-filter run is using" in line and f"pid {os.getpid()}" in line, line
