@@ -450,3 +450,33 @@ def test_read_table_errors(tmp_path):
     (tmp_path / "bad.parquet").write_text("nope", "utf-8")
     with pytest.raises(BadDataError, match="not a readable parquet file"):
         io.read_table(str(tmp_path / "bad.parquet"))
+
+
+@pytest.mark.parametrize("failing", ["kept.jsonl", "rejects.parquet"])
+def test_write_datasets_is_all_or_none_when_a_flush_fails(tmp_path, monkeypatch, failing):
+    """prune's OUTPUT and --rejects: a full disk while flushing either leaves both earlier files as they were."""
+    import errno
+
+    import datasets
+
+    import ches_filter.io as io_module
+    from ches_filter.errors import ChesFilterError
+    from ches_filter.io import write_datasets
+
+    paths = {"--output": tmp_path / "kept.jsonl", "--rejects": tmp_path / "rejects.parquet"}
+    old = datasets.Dataset.from_dict({"x": [1, 2]})
+    write_datasets([(flag, old, str(path)) for flag, path in paths.items()])
+    earlier = {flag: path.read_bytes() for flag, path in paths.items()}
+    real = io_module._fsync_tree
+
+    def full_disk(path):
+        if f".{failing}.tmp-" in path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path)
+
+    monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
+    new = datasets.Dataset.from_dict({"x": [3, 4, 5]})
+    with pytest.raises(ChesFilterError, match=f"no space left on .* writing .*{failing}"):
+        write_datasets([(flag, new, str(path)) for flag, path in paths.items()], overwrite=True)
+    assert {flag: path.read_bytes() for flag, path in paths.items()} == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "rejects.parquet"]
