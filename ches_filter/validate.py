@@ -136,9 +136,9 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
     # Row i of the input is the score row whose row_index is i, whatever order the file's rows are in, so the
     # eval draw and the random subset depend on the input and the seed only.
     row_index = scores.column("row_index").to_pylist()
-    bad = next((r for r in row_index if not isinstance(r, int) or not 0 <= r < len(row_index)), None)
-    if bad is not None or len(set(row_index)) != len(row_index):
-        what = f"{bad!r} (rows are 0..{len(row_index) - 1})" if bad is not None else "a repeated value"
+    bad = [r for r in row_index if not isinstance(r, int) or not 0 <= r < len(row_index)][:1]  # None is bad too
+    if bad or len(set(row_index)) != len(row_index):
+        what = f"{bad[0]!r} (rows are 0..{len(row_index) - 1})" if bad else "a repeated value"
         raise BadDataError(
             f"the scores' row_index column holds {what}: it must number the input's rows 0..n-1 once each; "
             "pass a score file written by `ches-filter score` for this input"
@@ -527,6 +527,27 @@ def _unfinished(output_dir: str) -> bool:
     return all(name in _WORK_ENTRIES or name.startswith(".") for name in names)
 
 
+def _discard(path: str) -> None:
+    """Delete a file or directory of ours in OUT_DIR (a symbolic link: the link only, never what it points at)."""
+    import shutil
+
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def _discard_work(scores_path: str) -> None:
+    """Delete the scoring work directory of ``scores_path`` and any half-deleted copy of it, whatever their state."""
+    from .io import writing
+    from .run.workdir import WorkDir, default_work_dir
+
+    work = WorkDir(default_work_dir(scores_path))
+    for path in (work.path, work.trash):
+        with writing(path):
+            _discard(path)
+
+
 def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite: bool) -> bool:
     """Refuse an OUT_DIR that clashes with an input, exists without ``overwrite`` or is not a directory.
 
@@ -640,17 +661,20 @@ def run_validate(
     # in place: a second run (even with --overwrite) is refused, naming this one.
     existed = os.path.isdir(output_dir)
     lock = WorkDir(output_dir).acquire(name="validate")
+    held: list[str] = []  # the scoring work directory's lock, once scoring is done (see _run_locked)
     try:
         return _run_locked(data, output_dir, config, score_config, scores, overwrite, resume, model, progress, inputs,
-                           started)
+                           started, held)
     finally:
+        for other in held:
+            WorkDir.release(other, remove_dir=False)
         # A refused run leaves no directory it created; one that was there stays (even empty, even `.`).
         WorkDir.release(lock, remove_dir=not existed)
 
 
 def _run_locked(
     data: Any, output_dir: str, config: ValidateConfig, score_config: ScoreConfig, scores: str | None, overwrite: bool,
-    resume: bool, model: Any, progress: bool | None, inputs: list[str], started: float,
+    resume: bool, model: Any, progress: bool | None, inputs: list[str], started: float, held: list[str],
 ) -> dict:
     """:func:`run_validate` once its paths are checked and OUT_DIR is locked.
 
@@ -698,10 +722,22 @@ def _run_locked(
         wanted = ",".join(dict.fromkeys(score_config.measure_list + config.by_list))
         scoring = dataclasses.replace(score_config, measures=wanted)
         if overwrite:
-            WorkDir(default_work_dir(own_scores)).remove()  # an earlier run's parts: start over
+            _discard_work(own_scores)  # an earlier run's parts: start over
         t0 = time.perf_counter()
-        score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite, progress=progress)
+        try:
+            score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite, progress=progress)
+        except BadFlagError as exc:
+            if not resume:
+                raise
+            why = "; ".join(getattr(exc, "problems", None) or [str(exc).rstrip(".")])
+            raise BadFlagError(
+                f"`--output` {output_dir} holds an unfinished run that this command cannot resume ({why}); rerun with "
+                "that run's scoring flags and input, or pass `--overwrite` to start over"
+            ) from None
         phases["scoring"] = time.perf_counter() - t0
+        # Until the outputs are written, a `score` into OUT_DIR/scores.parquet must not replace the scores
+        # this run trains on, nor delete the parts a rerun resumes from.
+        held.append(WorkDir(default_work_dir(own_scores)).acquire(0, 1))
         table, meta = read_table(own_scores)
         plan = plan_subsets(table, config)
 
@@ -825,7 +861,18 @@ def _run_locked(
     summary["seconds"] = time.perf_counter() - started
     meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
     _write_outputs(output_dir, out_table, meta_out, summary, png)
+    # The scoring's parts, kept until now for a rerun after a failure; with --scores, an earlier
+    # unfinished run's scores, which this finished run did not use.
+    for lock in held:
+        WorkDir.release(lock, remove_dir=False)
+    held.clear()
     if scores is None:
-        WorkDir(default_work_dir(own_scores)).remove()  # kept until now for a rerun after a failure
+        WorkDir(default_work_dir(own_scores)).remove()
+    elif os.path.realpath(scores) != os.path.realpath(own_scores) and (
+        os.path.lexists(own_scores) or os.path.lexists(default_work_dir(own_scores))
+    ):
+        logger.info("removing %s (and its parts) of an earlier unfinished run: this run used %s", own_scores, scores)
+        _discard_work(own_scores)
+        _discard(own_scores)
     summary["table"] = format_table(summary)
     return summary

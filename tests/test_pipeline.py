@@ -259,3 +259,36 @@ def test_a_directory_where_the_lock_goes_is_refused_and_kept(tmp_path):
     with pytest.raises(BadFlagError, match="is a directory where ches-filter keeps a lock file"):
         work.acquire(name="validate")
     assert os.path.isdir(os.path.join(work.locks_dir, "validate.lock", "mine"))
+
+
+@pytest.mark.parametrize("pid, taken", [(10**20, True), (2**31 + 5, True), (-1, False), (0, False), (True, False), ("7", False)])
+def test_a_lock_with_an_impossible_pid_is_stale_or_refused_never_a_traceback(tmp_path, pid, taken):
+    from ches_filter.errors import BadFlagError
+
+    work = WorkDir(str(tmp_path / "w"))
+    os.makedirs(work.locks_dir)
+    with open(work.lock_path(0, 1), "w") as handle:
+        json.dump({"pid": pid, "host": socket.gethostname(), "started": "x"}, handle)
+    if taken:  # no process has such a pid: the owner is gone
+        WorkDir.release(work.acquire(0, 1))
+    else:  # not a pid that can be checked: refused with the way out
+        with pytest.raises(BadFlagError, match="if it is no longer running, delete"):
+            work.acquire(0, 1)
+
+
+def test_a_lock_that_cannot_be_written_keeps_a_directory_the_run_found(tmp_path, monkeypatch):
+    import errno
+
+    import ches_filter.run.workdir as workdir_module
+    from ches_filter.errors import ChesFilterError
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(workdir_module.json, "dump", full)
+    found = tmp_path / "found"
+    found.mkdir()
+    for path, stays in ((found, True), (tmp_path / "new", False)):
+        with pytest.raises(ChesFilterError, match="no space left on"):
+            WorkDir(str(path)).acquire(name="validate")
+        assert path.is_dir() is stays and not (path / "locks").exists()

@@ -377,6 +377,7 @@ def test_the_plan_follows_row_index_not_the_order_of_the_score_file():
 @pytest.mark.parametrize("change, pattern", [
     (lambda cols: cols.update(row_index=[r + 1000 for r in cols["row_index"]]), r"row_index column holds 1000 \(rows are 0..39\)"),
     (lambda cols: cols.update(row_index=[0] * 40), "row_index column holds a repeated value"),
+    (lambda cols: cols.update(row_index=[None] + cols["row_index"][1:]), "row_index column holds None"),
     (lambda cols: cols.update(ches=[str(v) for v in cols["ches"]]), "ches column holds string values, not numbers"),
     (lambda cols: cols["ches"].__setitem__(5, float("inf")), "ches is inf at row_index 5 .status ok."),
     (lambda cols: cols["ches"].__setitem__(6, float("-inf")), "ches is -inf at row_index 6"),
@@ -518,8 +519,9 @@ def test_plot_is_skipped_without_matplotlib(monkeypatch, caplog):
 
 
 # ------------------------------------------------------------------ one run per OUT_DIR, all outputs or none
-def _listing(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+def _listing(root: Path, files_only: bool = False) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))
+            if not (files_only and p.is_dir())}
 
 
 def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_trains(tmp_path, tiny_model_dir, monkeypatch):
@@ -566,6 +568,12 @@ def test_a_second_run_on_the_same_out_dir_is_refused_while_the_first_trains(tmp_
             line = _error_line(result)
             assert "another ches-filter run is using" in line and f"pid {os.getpid()}" in line, line
             assert _listing(out) == before  # the refused run wrote nothing
+        # `score` into the running OUT_DIR's score file must not replace it nor delete the parts a rerun needs.
+        for extra in ([], ["--overwrite"]):
+            result = CliRunner().invoke(main, ["score", data, "-o", str(out / "scores.parquet"), "--model",
+                                               str(tiny_model_dir), "-q", *extra])
+            assert result.exit_code == 2 and "another ches-filter run" in _error_line(result), result.output
+            assert _listing(out) == before
     finally:
         release.set()
         thread.join(300)
@@ -648,6 +656,52 @@ def test_rerunning_the_same_command_after_a_failure_resumes_without_rescoring(tm
     # Finished: the same command now needs --overwrite.
     third = CliRunner().invoke(main, args)
     assert third.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(third)
+
+
+def test_an_unfinished_run_with_other_flags_or_broken_work_is_explained_or_started_over(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+
+    import pyarrow.parquet as pq
+
+    from ches_filter import validate as validate_module
+
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), *SMALL]
+    original = validate_module._Trainer.train
+    monkeypatch.setattr(validate_module._Trainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert CliRunner().invoke(main, args).exit_code != 0
+    monkeypatch.setattr(validate_module._Trainer, "train", original)
+    before = _listing(out)
+    # Other scoring flags: not resumable, and the message says what to do.
+    other = CliRunner().invoke(main, [*args, "--measures", "ches,ln_ches,edit_distance"])
+    assert other.exit_code == 2
+    line = _error_line(other)
+    assert "holds an unfinished run that this command cannot resume" in line and "`--overwrite` to start over" in line
+    # (it looked under the lock of the parts: their directory's time changed, no file did)
+    assert _listing(out, files_only=True) == {k: v for k, v in before.items() if not (out / k).is_dir()}
+    # --overwrite starts over even when the unfinished run's work is broken: a garbled manifest, and a
+    # half-deleted copy that is a link to another job's directory (left alone).
+    (out / "scores.parquet.parts" / "manifest.json").write_text("garbage")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("x")
+    os.symlink(victim, out / ".scores.parquet.parts.deleting")
+    result = CliRunner().invoke(main, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (victim / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "summary.json", "validate.parquet", "validate.png"]
+    finished = pq.read_table(out / "validate.parquet")
+    # With --scores into an unfinished OUT_DIR: the earlier run's own scores and parts go once this run finishes.
+    shutil_out = tmp_path / "out2"
+    monkeypatch.setattr(validate_module._Trainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert CliRunner().invoke(main, ["validate", data, "-o", str(shutil_out), "--model", str(tiny_model_dir), *SMALL]).exit_code != 0
+    monkeypatch.setattr(validate_module._Trainer, "train", original)
+    result = CliRunner().invoke(main, ["validate", data, "-o", str(shutil_out), "--model", str(tiny_model_dir),
+                                       "--scores", str(out / "scores.parquet"), *SMALL])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in shutil_out.iterdir()) == ["summary.json", "validate.parquet", "validate.png"]
+    assert pq.read_table(shutil_out / "validate.parquet").equals(finished)
 
 
 def test_a_diverging_run_is_an_error_not_a_verdict(tmp_path, tiny_model_dir):

@@ -66,12 +66,14 @@ def differences(stored: dict, current: dict, what: str) -> list[str]:
 
 def _refuse_mix(work: WorkDir, problems: list[str]) -> None:
     if problems:
-        raise BadFlagError(
+        error = BadFlagError(
             f"the work directory {work.path} holds results of a different run, so they cannot be resumed: "
             + "; ".join(problems)
             + ". Rerun with the same model, input and flags to resume, or delete that directory "
             "(or pass another `--work-dir`) to start over"
         )
+        error.problems = problems  # for a caller that words its own advice (validate)
+        raise error
 
 
 def check_identity(work: WorkDir, manifest: dict, wanted: dict) -> None:

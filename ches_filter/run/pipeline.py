@@ -323,6 +323,8 @@ def _run(data, config, job, work, group, *, output, overwrite, model, progress, 
     if topology.rank == 0:
         shutil.rmtree(work.trash, ignore_errors=True)
     if output is not None and os.path.lexists(output) and not overwrite:
+        if manifest is not None:
+            ids.check_identity(work, manifest, identity)  # name what differs, if that is why it is not finished
         raise BadFlagError(f"{output} exists; pass `--overwrite` to replace it.")
     if manifest is not None:  # refuse before spending minutes loading a model
         ids.check_identity(work, manifest, identity)

@@ -62,7 +62,7 @@ def _write_text(path: str, text: str) -> None:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no process has a pid that large
         return False
     except PermissionError:  # alive, owned by someone else
         return True
@@ -230,6 +230,7 @@ class WorkDir:
         """
         path = self.lock_path(shard, num_shards) if name is None else os.path.join(self.locks_dir, f"{name}.lock")
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": now()}
+        existed = os.path.isdir(self.path)
         with writing(path):
             os.makedirs(self.locks_dir, exist_ok=True)
         for _attempt in range(2):
@@ -267,7 +268,7 @@ class WorkDir:
             except BaseException:
                 # e.g. a full disk: an empty lock file must not block the rerun
                 os.unlink(path)
-                self._remove_if_empty()
+                self._remove_if_empty(remove_dir=not existed)  # never a directory the run found
                 raise
             return path
         raise BadFlagError(f"could not take the lock {path}: it keeps changing; is another run starting there?")
@@ -294,7 +295,8 @@ class WorkDir:
             except OSError:
                 return True
         pid = owner.get("pid")
-        return owner.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid)
+        return (owner.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool)
+                and pid > 0 and not _pid_alive(pid))
 
     def _remove_if_empty(self, remove_dir: bool = True) -> None:
         for directory in (self.locks_dir, self.path) if remove_dir else (self.locks_dir,):
