@@ -514,17 +514,37 @@ def plot(summary: dict) -> bytes | None:
 # ------------------------------------------------------------------ pipeline
 #: The files a finished run leaves in OUT_DIR, written together (:func:`_write_outputs`).
 OUTPUT_FILES = ("validate.parquet", "summary.json", "validate.png")
-#: What an unfinished run leaves: its scores (kept with their parts until the outputs are written) and its lock.
-_WORK_ENTRIES = frozenset({"scores.parquet", "scores.parquet.parts", "locks"})
 
 
 def _unfinished(output_dir: str) -> bool:
-    """OUT_DIR holds nothing but an unfinished run's work (or nothing): the same command resumes it."""
+    """OUT_DIR holds nothing but an unfinished run's work (or nothing): the same command resumes it.
+
+    Each entry must be what validate itself leaves there: ``scores.parquet`` a
+    file, ``scores.parquet.parts`` a work directory (only a manifest, its own
+    subdirectories and hidden temporaries), ``locks`` a directory of lock files.
+    Anything else (a user's directory named ``scores.parquet``, say) needs ``--overwrite``.
+    """
+    from .run.workdir import WorkDir
+
     if not os.path.isdir(output_dir):
         return False
-    names = os.listdir(output_dir)
-    # Hidden names are temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's.
-    return all(name in _WORK_ENTRIES or name.startswith(".") for name in names)
+
+    def ours(name: str) -> bool:
+        path = os.path.join(output_dir, name)
+        if name.startswith("."):  # temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's
+            return True
+        if name == "scores.parquet":
+            return os.path.isfile(path)
+        if name == "locks":
+            return os.path.isdir(path) and all(n.endswith(".lock") for n in os.listdir(path))
+        if name == "scores.parquet.parts":
+            work = WorkDir(path)
+            allowed = {os.path.basename(p) for p in (work.manifest_path, work.parts_dir, work.stats_dir,
+                                                      work.completions_dir, work.locks_dir)}
+            return os.path.isdir(path) and all(n in allowed or n.startswith(".") for n in os.listdir(path))
+        return False
+
+    return all(ours(name) for name in os.listdir(output_dir))
 
 
 def _discard(path: str) -> None:
@@ -871,8 +891,9 @@ def _run_locked(
     elif os.path.realpath(scores) != os.path.realpath(own_scores) and (
         os.path.lexists(own_scores) or os.path.lexists(default_work_dir(own_scores))
     ):
-        logger.info("removing %s (and its parts) of an earlier unfinished run: this run used %s", own_scores, scores)
+        logger.info("removing %s (and its parts) of an earlier run: this run used %s", own_scores, scores)
         _discard_work(own_scores)
-        _discard(own_scores)
+        if not os.path.isdir(own_scores) or os.path.islink(own_scores):
+            _discard(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
     summary["table"] = format_table(summary)
     return summary

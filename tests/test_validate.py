@@ -749,3 +749,11 @@ def test_paths_validate_refuses_or_keeps(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "does not exist" in _error_line(result)
     assert not (tmp_path / "stray").exists() and not (tmp_path / "o").exists()
     assert os.getcwd() == str(work)
+    # Only what validate itself leaves makes an OUT_DIR resumable without --overwrite.
+    for name, inner in (("scores.parquet", "precious.txt"), ("locks", "notes.txt"), ("scores.parquet.parts", "mine.txt")):
+        out = tmp_path / f"foreign-{name}"
+        (out / name).mkdir(parents=True)
+        (out / name / inner).write_text("keep")
+        result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--scores", str(GOLDEN)])
+        assert result.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(result), result.output
+        assert (out / name / inner).read_text() == "keep"
