@@ -547,25 +547,15 @@ def _unfinished(output_dir: str) -> bool:
     return all(ours(name) for name in os.listdir(output_dir))
 
 
-def _discard(path: str) -> None:
-    """Delete a file or directory of ours in OUT_DIR (a symbolic link: the link only, never what it points at)."""
-    import shutil
-
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-
-
 def _discard_work(scores_path: str) -> None:
     """Delete the scoring work directory of ``scores_path`` and any half-deleted copy of it, whatever their state."""
-    from .io import writing
+    from .io import _remove, writing  # _remove: a symbolic link goes, never what it points at
     from .run.workdir import WorkDir, default_work_dir
 
     work = WorkDir(default_work_dir(scores_path))
     for path in (work.path, work.trash):
         with writing(path):
-            _discard(path)
+            _remove(path)
 
 
 def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite: bool) -> bool:
@@ -894,6 +884,8 @@ def _run_locked(
         logger.info("removing %s (and its parts) of an earlier run: this run used %s", own_scores, scores)
         _discard_work(own_scores)
         if not os.path.isdir(own_scores) or os.path.islink(own_scores):
-            _discard(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
+            from .io import _remove
+
+            _remove(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
     summary["table"] = format_table(summary)
     return summary
