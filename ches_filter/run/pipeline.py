@@ -322,12 +322,10 @@ def _run(data, config, job, work, group, *, output, overwrite, model, progress, 
         return result
     if topology.rank == 0:
         shutil.rmtree(work.trash, ignore_errors=True)
-    if output is not None and os.path.lexists(output) and not overwrite:
-        if manifest is not None:
-            ids.check_identity(work, manifest, identity)  # name what differs, if that is why it is not finished
-        raise BadFlagError(f"{output} exists; pass `--overwrite` to replace it.")
-    if manifest is not None:  # refuse before spending minutes loading a model
+    if manifest is not None:  # refuse before spending minutes loading a model, naming what differs
         ids.check_identity(work, manifest, identity)
+    if output is not None and os.path.lexists(output) and not overwrite:
+        raise BadFlagError(f"{output} exists; pass `--overwrite` to replace it.")
 
     scorer = build_scorer(ds, layout, columns, config, model)
     template = scorer.metadata(data=data, fingerprint=fingerprint, counts={})
