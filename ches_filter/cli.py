@@ -265,7 +265,7 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
 
 @main.command()
 @click.argument("input")
-@click.option("--output", "-o", required=True, help="Pruned dataset: .parquet, .jsonl, or a directory (save_to_disk).")
+@click.option("--output", "-o", required=True, help="Pruned dataset: .jsonl, .csv, .parquet, or a directory (save_to_disk); the input's own kind keeps its records as they are.")
 @click.option("--keep", type=float, default=None, help="Fraction of scored (status ok) rows to keep, in (0, 1].")
 @click.option("--keep-count", type=int, default=None, help="Number of scored rows to keep.")
 @click.option("--max-score", type=float, default=None, help="Keep rows no riskier than this: score <= T (>= T for a lower-is-riskier measure such as edit_distance).")
@@ -291,7 +291,7 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .io import check_paths, output_kind, write_datasets
+    from .io import check_paths, output_kind
     from .run import default_work_dir
     from .select import check_score_settings, prune_pairs
 
@@ -316,10 +316,7 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     if result is None:  # a torchrun rank other than 0: rank 0 writes
         return
     # Both files or neither: a refused value in the rejects leaves the kept file unwritten too.
-    write_datasets(
-        [("--output", result.kept, output)] + ([("--rejects", result.rejects, rejects)] if rejects else []),
-        overwrite=overwrite,
-    )
+    result.write(output, rejects, overwrite=overwrite)
     if result.work is not None and not job.keep_work_dir:
         result.work.remove()
     summary = result.summary()

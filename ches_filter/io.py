@@ -13,6 +13,7 @@ together), with a message that names the file and says how to fix it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import fnmatch
 import glob
@@ -33,6 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import datasets
     import pyarrow
 
+    from .records import Records
+
 logger = logging.getLogger(__name__)
 
 # Metadata key under which write_table stores its JSON blob in the parquet schema.
@@ -46,7 +49,7 @@ _INPUT_HELP = (
     "or a Hub dataset id `owner/name`"
 )
 _OUTPUT_HELP = (
-    "`.parquet`, `.jsonl`, or a path without an extension (written as a "
+    "`.parquet`, `.jsonl`, `.csv`, or a path without an extension (written as a "
     "`save_to_disk` directory)"
 )
 # A Hub id is `owner/name`: one slash, no leading dot or slash. Dots are
@@ -66,7 +69,23 @@ _GZIP_MAGIC = b"\x1f\x8b"
 def read_dataset(
     source: str, *, split: str | None = None, subset: str | None = None
 ) -> "datasets.Dataset":
-    """Load a preference dataset from a local file, directory, glob or the Hub.
+    """Every column of a dataset as a ``datasets.Dataset`` (see :func:`open_records`).
+
+    A library convenience: the columns of a JSON or CSV file are given Arrow
+    types here. ches-filter itself reads with :func:`open_records`, which
+    parses only the scored columns.
+    """
+    return open_records(source, split=split, subset=subset).scored
+
+
+#: The columns :func:`_read_files` parses (None: all), set by :func:`open_records`.
+_WANTED: contextvars.ContextVar = contextvars.ContextVar("ches_filter_wanted", default=None)
+
+
+def open_records(
+    source: str, *, split: str | None = None, subset: str | None = None, wanted: Sequence[str] | None = None
+) -> "Records":
+    """Open a preference dataset from a local file, directory, glob or the Hub.
 
     Args:
         source: A `.jsonl`/`.json` (optionally `.gz`), `.parquet` or `.csv`
@@ -77,15 +96,34 @@ def read_dataset(
             path exists.
         split: Split to take from a ``DatasetDict`` directory or Hub dataset.
         subset: Hub configuration name; only valid for Hub datasets.
+        wanted: the columns to parse (the pair columns and ``--id-column``);
+            every other column of a JSON or CSV file stays opaque. None: all.
 
     Returns:
-        A memory-mapped ``datasets.Dataset`` with at least one row.
+        :class:`~ches_filter.records.Records` with at least one row: its
+        ``scored`` dataset (memory-mapped) holds the parsed columns.
 
     Raises:
         BadDataError: The source is missing, unreadable, malformed or empty.
         BadFlagError: ``split``/``subset`` do not fit the source.
     """
+    from .records import Records, from_dataset
+
     source = os.fspath(source)
+    token = _WANTED.set(list(wanted) if wanted is not None else None)
+    try:
+        ds = _open(source, split=split, subset=subset)
+    finally:
+        _WANTED.reset(token)
+    if not isinstance(ds, Records):
+        ds = from_dataset(source, ds)
+    if ds.num_rows == 0:
+        raise BadDataError(f"{source} holds no rows; it needs at least one example.")
+    logger.info("read %d rows with columns %s from %s (%s)", ds.num_rows, ds.columns, source, ds.kind)
+    return ds
+
+
+def _open(source: str, *, split: str | None, subset: str | None) -> "Records | datasets.Dataset":
     if os.path.isdir(source):
         ds = _read_directory(source, split=split, subset=subset)
     elif os.path.exists(source):
@@ -101,9 +139,6 @@ def read_dataset(
             f"{source}: no such file or directory; pass an existing path "
             f"({_INPUT_HELP})."
         )
-    if len(ds) == 0:
-        raise BadDataError(f"{source} holds no rows; it needs at least one example.")
-    logger.info("read %d rows with columns %s from %s", len(ds), ds.column_names, source)
     return ds
 
 
@@ -278,83 +313,16 @@ def _read_hub(source: str, *, split: str | None, subset: str | None) -> "dataset
         ) from exc
 
 
-def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
-    """Validates local files cheaply, then loads them with a datasets loader."""
-    import datasets
+def _read_files(label: str, files: list[str], kind: str) -> "Records":
+    """Opens local files of one kind, parsing only the columns :func:`open_records` wants."""
+    from .records import read_files
 
-    for path in files:
-        if kind == "json":
-            _validate_json_file(path)
-        elif kind != "parquet" and not os.access(path, os.R_OK):
-            raise BadDataError(f"cannot read {path}: permission denied; check its permissions.")
     if kind == "parquet":
-        # The datasets parquet loader fails on a zero-row file ("BatchSize
-        # must be greater than 0"), so leave such files out up front.
+        # A zero-row file adds nothing; leave it out up front.
         files = [path for path in files if _parquet_row_count(path) > 0]
         if not files:
             raise BadDataError(f"{label} holds no rows; it needs at least one example.")
-    try:
-        return datasets.load_dataset(
-            kind, data_files=[os.path.abspath(f) for f in files], split="train"
-        )
-    except Exception as exc:  # noqa: BLE001 - DatasetGenerationError, pandas, arrow...
-        # StopIteration comes from the json loader on a file without records,
-        # "corresponds to no data" from e.g. a CSV holding only a header.
-        if isinstance(exc, StopIteration) or "corresponds to no data" in str(exc):
-            raise BadDataError(f"{label} holds no rows; it needs at least one example.") from exc
-        if kind == "json" and "specified twice" in _reason(exc):
-            # Arrow names the row within its block, not the line: find it.
-            for path in files:
-                where = _first_duplicate_key(path)
-                if where is not None:
-                    raise BadDataError(
-                        f"{path} line {where[0]} has the key {where[1]!r} twice in one object; "
-                        "keep one of them (JSON objects need unique keys)."
-                    ) from exc
-        raise BadDataError(
-            f"{label} could not be read as {kind} ({_reason(exc)}); fix the file or "
-            f"convert it to one of {_INPUT_HELP}."
-        ) from exc
-
-
-class _DuplicateKey(Exception):
-    """Raised by :func:`_strict_object` with the repeated key."""
-
-
-def _strict_object(pairs: list) -> dict:
-    """``object_pairs_hook`` that refuses a repeated key (plain ``json`` keeps the last one silently)."""
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        raise _DuplicateKey(next(k for i, k in enumerate(keys) if k in keys[:i]))
-    return dict(pairs)
-
-
-def _first_duplicate_key(path: str) -> tuple[int, str] | None:
-    """``(line, key)`` of the first JSONL line whose object repeats a key, or None (streams the file)."""
-    with _open_binary(path) as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                json.loads(raw.decode("utf-8", errors="replace"), object_pairs_hook=_strict_object)
-            except _DuplicateKey as dup:
-                return line_no, str(dup.args[0])
-            except json.JSONDecodeError:
-                continue
-    return None
-
-
-def _array_duplicate(text: str) -> tuple[int, int, str]:
-    """``(element, line, key)`` of the first array element with a repeated key (the array is known to have one)."""
-    decoder = json.JSONDecoder(object_pairs_hook=_strict_object)
-    index = text.index("[") + 1
-    number = 0
-    while True:
-        while text[index] in " \t\r\n,":
-            index += 1
-        number += 1
-        try:
-            _, index = decoder.raw_decode(text, index)
-        except _DuplicateKey as dup:
-            return number, text.count("\n", 0, index) + 1, str(dup.args[0])
+    return read_files(label, files, kind, _WANTED.get())
 
 
 def _parquet_row_count(path: str) -> int:
@@ -375,116 +343,6 @@ def _parquet_row_count(path: str) -> int:
     return rows
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_EXACT_FLOAT_INT = 2**53  # every integer up to this magnitude is exactly a float64
-
-
-class _Numbers:
-    """Finds JSON numbers that the Arrow-backed loader would not keep exactly.
-
-    Arrow stores an integer column as int64 and a column mixing integers and
-    fractions as float64. An integer beyond int64 would become a float, and
-    an integer beyond 2**53 in a column that also holds fractions would be
-    rounded; both would come out changed in a JSON lines output, so they are
-    refused here, naming the column and line. Only lines holding a fraction
-    or a large integer are walked (the parse hooks flag them).
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.line_float = self.line_big = False
-        self.float_paths: set[tuple] = set()
-        self.big_ints: dict[tuple, tuple[str, int]] = {}
-
-    def _int(self, text: str) -> int:
-        value = int(text)
-        if not -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT:
-            self.line_big = True
-        return value
-
-    def _float(self, text: str) -> float:
-        self.line_float = True
-        return float(text)
-
-    def loads(self, text: str, **kwargs: Any) -> Any:
-        self.line_float = self.line_big = False
-        return json.loads(text, parse_int=self._int, parse_float=self._float, **kwargs)
-
-    def check(self, record: Any, where: str) -> None:
-        if not (self.line_float or self.line_big):
-            return
-        for key, value in _walk_numbers(record, ()):
-            if isinstance(value, float):
-                self.float_paths.add(key)
-            elif not _INT64_MIN <= value <= _INT64_MAX:
-                raise BadDataError(
-                    f"{self.path} {where}: column `{key[0]}` holds the integer {value}, beyond the 64-bit range "
-                    "the loader stores, so it would be changed; store it as a string (in quotes) to keep it exact."
-                )
-            elif not -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT:
-                self.big_ints.setdefault(key, (where, value))
-
-    def finish(self) -> None:
-        for key, (where, value) in self.big_ints.items():
-            if key in self.float_paths:
-                raise BadDataError(
-                    f"{self.path} {where}: column `{key[0]}` mixes integers and fractions, so it is read as "
-                    f"floats, and the integer {value} is too large to be a float exactly; store it as a string "
-                    "(in quotes) to keep it exact."
-                )
-
-
-def _walk_numbers(value: Any, key: tuple) -> Iterator[tuple[tuple, Any]]:
-    if isinstance(value, bool):
-        return
-    if isinstance(value, (int, float)):
-        yield key, value
-    elif isinstance(value, dict):
-        for name, item in value.items():
-            yield from _walk_numbers(item, key + (name,))
-    elif isinstance(value, list):
-        for item in value:
-            yield from _walk_numbers(item, key + ("[]",))
-
-
-class _ColumnTypes:
-    """Remembers the JSON type of each top-level key to report mixed columns."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.first: dict[str, tuple[str, str]] = {}
-
-    def check(self, record: dict[str, Any], where: str) -> None:
-        for key, value in record.items():
-            kind = _json_kind(value)
-            if kind is None:
-                continue
-            seen = self.first.setdefault(key, (kind, where))
-            if seen[0] != kind:
-                # datasets 5 would quietly turn such a column into opaque JSON
-                # values; code expecting text or a message list would then
-                # break far from the cause, so stop here and point at the rows.
-                raise BadDataError(
-                    f"{self.path}: column `{key}` mixes value types ({seen[0]} on "
-                    f"{seen[1]}, {kind} on {where}); make every row hold the same type "
-                    "in that column."
-                )
-
-
-def _json_kind(value: Any) -> str | None:
-    if value is None:
-        return None  # nulls are compatible with every type
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"  # Arrow widens int to float, so these mix fine
-    if isinstance(value, str):
-        return "text"
-    if isinstance(value, list):
-        return "a list"
-    return "an object"
-
-
 def _open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
 
@@ -503,116 +361,6 @@ def _read_bytes(path: str, size: int) -> bytes:
         ) from exc
     except OSError as exc:
         raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
-
-
-def _validate_json_file(path: str) -> None:
-    """Streams a JSON/JSONL file once so errors can name the exact line."""
-    head = _read_bytes(path, 4096)
-    if head.startswith(_GZIP_MAGIC):
-        raise BadDataError(
-            f"{path} is gzip-compressed but its name does not end in `.gz`; rename it "
-            "to end in `.jsonl.gz` or `.json.gz`."
-        )
-    stripped = head.lstrip()
-    if path.lower().endswith((".json", ".json.gz")) and stripped.startswith(b"["):
-        _validate_json_array(path)
-    else:
-        _validate_json_lines(path)
-
-
-def _validate_json_lines(path: str) -> None:
-    columns = _ColumnTypes(path)
-    numbers = _Numbers(path)
-    rows = 0
-    line_no = 0
-    try:
-        with _open_binary(path) as fh:
-            for line_no, raw in enumerate(fh, start=1):
-                if not raw.strip():
-                    continue  # blank lines are skipped by the loader too
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise BadDataError(
-                        f"{path} line {line_no} is not valid UTF-8 (byte "
-                        f"0x{raw[exc.start]:02x} at offset {exc.start}); re-save the "
-                        "file as UTF-8."
-                    ) from exc
-                try:
-                    record = numbers.loads(text)
-                except json.JSONDecodeError as exc:
-                    raise BadDataError(
-                        f"{path} line {line_no} is not valid JSON: {exc.msg} (column "
-                        f"{exc.colno}); fix or remove that line, since each line must "
-                        "hold one JSON object."
-                    ) from exc
-                if not isinstance(record, dict):
-                    raise BadDataError(
-                        f"{path} line {line_no} holds {_json_kind(record) or 'null'} "
-                        "where a JSON object is expected; each line must be one object "
-                        'such as {"chosen": ..., "rejected": ...}.'
-                    )
-                columns.check(record, f"line {line_no}")
-                numbers.check(record, f"line {line_no}")
-                rows += 1
-    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise BadDataError(
-            f"{path} is truncated or not a valid gzip file (failed after line "
-            f"{line_no}: {_reason(exc)}); re-download or re-compress it."
-        ) from exc
-    except OSError as exc:
-        raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from exc
-    if rows == 0:
-        raise BadDataError(
-            f"{path} holds no rows; it needs at least one JSON object per line."
-        )
-    numbers.finish()
-
-
-def _validate_json_array(path: str) -> None:
-    # A JSON array cannot be streamed with the standard library; the datasets
-    # loader parses the whole file into memory as well, so this costs no more
-    # peak memory than the load itself.
-    data = _read_bytes(path, -1)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line_no = data.count(b"\n", 0, exc.start) + 1
-        raise BadDataError(
-            f"{path} line {line_no} is not valid UTF-8 (byte 0x{data[exc.start]:02x}); "
-            "re-save the file as UTF-8."
-        ) from exc
-    try:
-        numbers = _Numbers(path)
-        items = numbers.loads(text, object_pairs_hook=_strict_object)
-    except json.JSONDecodeError as exc:
-        raise BadDataError(
-            f"{path} line {exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}); "
-            "fix the file so it holds one JSON array of objects."
-        ) from exc
-    except _DuplicateKey:
-        # The loader would keep the last value silently; JSON Lines input fails
-        # on the same file, so refuse it here too, saying where.
-        number, line_no, key = _array_duplicate(text)
-        raise BadDataError(
-            f"{path} array element {number} (starting on line {line_no}) has the key {key!r} twice "
-            "in one object; keep one of them (JSON objects need unique keys)."
-        ) from None
-    if not isinstance(items, list) or not items:
-        raise BadDataError(
-            f"{path} holds no rows; a `.json` file must hold a non-empty JSON array of "
-            "objects, or one JSON object per line."
-        )
-    columns = _ColumnTypes(path)
-    for number, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise BadDataError(
-                f"{path} array element {number} holds {_json_kind(item) or 'null'} where "
-                "a JSON object is expected; every element must be an object."
-            )
-        columns.check(item, f"array element {number}")
-        numbers.check(item, f"array element {number}")
-    numbers.finish()
 
 
 def _reason(exc: BaseException) -> str:
@@ -651,6 +399,8 @@ def output_kind(path: str, flag: str = "--output") -> str:
         return "parquet"
     if ext == ".jsonl":
         return "jsonl"
+    if ext == ".csv":
+        return "csv"
     if ext == "":
         return "disk"
     raise BadFlagError(
@@ -1035,120 +785,16 @@ def write_datasets(items: Iterable[tuple[str | None, "datasets.Dataset", str]], 
     """
     import datasets
 
-    items = [(flag, ds, os.fspath(path)) for flag, ds, path in items]
-    # Outputs are compared with each other too: two spellings of one path must not overwrite each other.
-    check_paths([(flag, path) for flag, _, path in items], overwrite=overwrite)
-    kinds = []
-    for flag, ds, path in items:
-        kind = output_kind(path, flag or "--output")
-        if kind != "disk" and not isinstance(ds, datasets.Dataset):
-            raise TypeError(f"write_dataset can write a {type(ds).__name__} only as a directory")
-        if kind == "jsonl":
-            _check_json_types(ds, flag, path)
-        kinds.append(kind)
-    try:
-        with atomic_paths([path for _, _, path in items]) as tmps:
-            for (flag, ds, path), kind, tmp in zip(items, kinds, tmps):
-                with writing(path):
-                    if kind == "parquet":
-                        ds.to_parquet(tmp)
-                    elif kind == "jsonl":
-                        _write_jsonl(ds, tmp, flag, path)
-                    else:
-                        ds.save_to_disk(tmp)
-    except OSError as exc:
-        raise ChesFilterError(f"could not write {' or '.join(p for _, _, p in items)} ({_reason(exc)}).") from exc
-    for (_flag_name, ds, path), kind in zip(items, kinds):
-        logger.info("wrote %d rows to %s (%s)", len(ds), path, kind)
+    from .records import Selection, from_dataset, write_selections
 
-
-#: Arrow type ids whose values JSON holds exactly (besides lists, structs and datasets' Json).
-_JSON_SCALARS = ("is_null", "is_boolean", "is_integer", "is_floating", "is_string", "is_large_string")
-
-
-def _json_unfit(arrow_type: Any) -> str | None:
-    """The first part of ``arrow_type`` that JSON cannot hold exactly, or None."""
-    import pyarrow.types as pat
-
-    extension = getattr(arrow_type, "extension_name", None)
-    if extension is not None:
-        # datasets stores objects whose keys differ between rows as JSON text
-        # (its ``Json`` feature, Arrow's ``arrow.json``) and decodes them back when rows are read.
-        return None if extension == "arrow.json" else str(arrow_type)
-    if pat.is_dictionary(arrow_type):
-        return _json_unfit(arrow_type.value_type)
-    if any(getattr(pat, check)(arrow_type) for check in _JSON_SCALARS) or (
-        hasattr(pat, "is_string_view") and pat.is_string_view(arrow_type)
-    ):
-        return None
-    if pat.is_list(arrow_type) or pat.is_large_list(arrow_type) or pat.is_fixed_size_list(arrow_type):
-        return _json_unfit(arrow_type.value_type)
-    if pat.is_struct(arrow_type):
-        for index in range(arrow_type.num_fields):
-            bad = _json_unfit(arrow_type.field(index).type)
-            if bad is not None:
-                return bad
-        return None
-    return str(arrow_type)
-
-
-def _check_json_types(ds: "datasets.Dataset", flag: str | None, path: str) -> None:
-    for field in ds.data.schema:
-        bad = _json_unfit(field.type)
-        if bad is not None:
-            raise BadDataError(
-                f"column `{field.name}` holds {bad} values, which JSON lines cannot hold unchanged, so "
-                f"{_flag(flag)}{path} was not written; write `.parquet` or a directory (save_to_disk) instead."
-            )
-
-
-def _json_default(value: Any) -> Any:
-    import numpy as np
-
-    if isinstance(value, np.floating):  # half floats come back as numpy scalars
-        return float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def _write_jsonl(ds: "datasets.Dataset", tmp: str, flag: str | None, path: str) -> None:
-    """One JSON object per row, every value exactly as the dataset holds it.
-
-    Hand-written on purpose: ``Dataset.to_json`` goes through pandas, whose
-    JSON writer rounds floats to 10 significant digits (``double_precision``,
-    at most 15) and turns an integer column with nulls into floats (1 -> 1.0).
-    Here Arrow batches become Python values (datasets decodes its features,
-    e.g. ``Json``) and :func:`json.dumps` writes the shortest text that reads
-    back as the same float, integers as integers and nested lists/objects as
-    they are. NaN and infinities have no JSON form and are refused.
-    """
-    line = 0
-    with open(tmp, "w", encoding="utf-8", newline="\n") as handle:
-        for batch in ds.with_format(None).iter(batch_size=1000):
-            names = list(batch)
-            for values in zip(*batch.values()):
-                line += 1
-                row = dict(zip(names, values))
-                try:
-                    text = json.dumps(row, ensure_ascii=False, allow_nan=False, default=_json_default)
-                except (TypeError, ValueError) as exc:
-                    column = _bad_json_column(row)
-                    raise BadDataError(
-                        f"row {line} of {_flag(flag)}{path}, column `{column}`, holds a value JSON cannot "
-                        f"hold exactly ({exc}), so nothing was written; write `.parquet` or a directory instead."
-                    ) from None
-                handle.write(text)
-                handle.write("\n")
-
-
-def _bad_json_column(row: dict) -> str:
-    for name, value in row.items():
-        try:
-            json.dumps(value, allow_nan=False, default=_json_default)
-        except (TypeError, ValueError):
-            return name
-    return "?"
+    for _flag_name, ds, path in items:
+        if not isinstance(ds, datasets.Dataset):
+            raise TypeError(f"write_datasets writes a datasets.Dataset, not a {type(ds).__name__} ({path})")
+    # A dataset in memory is written as itself: to parquet or a directory unchanged, to JSON lines
+    # or CSV only where every value reads back identical (otherwise one line, nothing written).
+    outputs = [Selection(flag, os.fspath(path), range(len(ds)), records=from_dataset(os.fspath(path), ds))
+               for flag, ds, path in items]
+    write_selections(outputs[0].records, outputs, overwrite=overwrite)
 
 
 def with_metadata(table: "pyarrow.Table", metadata: dict) -> "pyarrow.Table":

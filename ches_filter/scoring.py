@@ -40,6 +40,7 @@ __all__ = [
     "TAIL_COLUMNS",
     "input_fingerprint",
     "load_input",
+    "load_records",
     "table_metadata",
     "check_scores_belong",
     "status_counts",
@@ -133,46 +134,65 @@ def _source_name(data: Any) -> str | None:
 
 
 def load_input(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
-    """Open ``data`` (path, ``datasets.Dataset`` or list of dicts) and settle its layout."""
+    """Open ``data`` (path, ``datasets.Dataset`` or list of dicts) and settle its layout.
+
+    Returns:
+        ``(ds, layout, columns)``: ``ds`` holds the scored columns only (see :func:`load_records`).
+    """
+    records, layout, columns = load_records(data, config)
+    return records.scored, layout, columns
+
+
+def load_records(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
+    """Open ``data`` as :class:`~ches_filter.records.Records`, parsing only the pair and id columns.
+
+    Every other column stays opaque: it is never given a type, so its values
+    may vary in shape from row to row, and a selection writes them back as they were.
+    """
     import datasets
 
-    from .io import read_dataset
+    from .io import open_records
+    from .records import from_dataset
 
+    columns = _columns(config)
+    wanted = [columns.prompt, columns.chosen, columns.rejected] + ([columns.id] if columns.id else [])
     if isinstance(data, datasets.Dataset):
-        ds = data
+        records = from_dataset("the input", data)
     elif isinstance(data, (list, tuple)):
         if not data:
             raise BadDataError("the input holds no rows")
-        ds = datasets.Dataset.from_list(list(data))
+        records = from_dataset("the input", datasets.Dataset.from_list(list(data)))
     else:
-        ds = read_dataset(str(data), split=config.split, subset=config.subset)
+        records = open_records(str(data), split=config.split, subset=config.subset, wanted=wanted)
+    ds = records.scored
     source = _source_name(data)
     where = f"{source}: " if source else ""
-    columns = _columns(config)
-    if columns.id is not None and columns.id not in ds.column_names:
+    names = records.columns
+    if columns.id is not None and columns.id not in names:
         raise BadDataError(
-            f"{where}`--id-column` {columns.id!r} is not in the input; available columns: {', '.join(ds.column_names)}"
+            f"{where}`--id-column` {columns.id!r} is not in the input; available columns: {', '.join(names)}"
         )
     if config.input_format is not None:
         layout = config.input_format
         required = required_columns(layout, columns)
-        missing = [c for c in required if c not in ds.column_names]
+        missing = [c for c in required if c not in names]
         if missing:
             raise BadDataError(
                 f"{where}`--input-format {layout}` needs column(s) {', '.join(missing)}, which the input lacks; "
-                f"available columns: {', '.join(ds.column_names)}; map them with `--prompt-column`, "
+                f"available columns: {', '.join(names)}; map them with `--prompt-column`, "
                 "`--chosen-column`, `--rejected-column`"
             )
     else:
-        sample = ds.select(range(min(_SAMPLE_ROWS, len(ds)))).to_list()
+        present = [c for c in dict.fromkeys(wanted) if c in ds.column_names]
+        sample = ds.select_columns(present).select(range(min(_SAMPLE_ROWS, len(ds)))).to_list()
         try:
-            layout = detect_layout(list(ds.column_names), sample, columns)
+            layout = detect_layout(list(names), sample, columns)
         except BadDataError as exc:
             # Name the file: with several inputs in a pipeline, "column 'chosen'
             # not found" alone does not say which one.
             raise BadDataError(f"{where}{exc}") from None
     logger.info("input: %d rows, layout %s", len(ds), layout)
-    return ds, layout, columns
+    return records, layout, columns
 
 
 @dataclasses.dataclass

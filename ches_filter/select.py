@@ -157,19 +157,83 @@ class PruneResult:
     """What :func:`prune_pairs` returns.
 
     Attributes:
-        kept: the kept original rows (``datasets.Dataset``), original order.
-        rejects: the dropped rows with ``ches_filter_reason`` and the scores.
+        records: the input (:class:`~ches_filter.records.Records`).
         scores: the score table used.
         selection: the :class:`Selection`.
+        add_scores: whether the kept rows get the score columns appended.
         work: the scoring work directory (:class:`~ches_filter.run.WorkDir`)
             to remove once the outputs are written, or None.
     """
 
-    kept: Any
-    rejects: Any
+    records: Any
     scores: Any
     selection: Selection
+    add_scores: bool = False
     work: Any = None
+
+    def _columns(self) -> list[str]:
+        return [m for m in MEASURES.names() if m in self.scores.column_names] + ["status"]
+
+    def outputs(self, output: str | None, rejects: str | None = None) -> list[Any]:
+        """The :class:`~ches_filter.records.Selection` of each output: the kept rows, the dropped rows.
+
+        The kept rows get the score columns appended with ``add_scores``; the
+        dropped rows get ``ches_filter_reason`` and the score columns. A name
+        the input already uses gets a ``ches_filter_`` prefix.
+        """
+        import numpy as np
+        import pyarrow as pa
+
+        from .records import Selection as Output, free_name
+
+        keep = np.asarray(self.selection.keep, dtype=bool)
+        kept_idx, drop_idx = np.flatnonzero(keep), np.flatnonzero(~keep)
+        taken = list(self.records.columns)
+
+        def scores(idx: Any, first: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+            extra = list(first)
+            for name in self._columns():
+                column = self.scores.column(name).combine_chunks()
+                extra.append((free_name(taken, name), column.take(pa.array(idx, pa.int64()))))
+            return extra
+
+        out = [Output("--output", output, kept_idx, scores(kept_idx, []) if self.add_scores else [])]
+        if rejects is not None:
+            reasons = pa.array([self.selection.reason[i] for i in drop_idx.tolist()], pa.string())
+            out.append(Output("--rejects", rejects, drop_idx, scores(drop_idx, [(free_name(taken, "ches_filter_reason"), reasons)])))
+        return out
+
+    def write(self, output: str, rejects: str | None = None, *, overwrite: bool = False) -> None:
+        """Writes the kept rows to ``output`` (and the dropped ones to ``rejects``): both or neither.
+
+        Same kind as the input: the records themselves; across kinds: identical values or refused.
+        """
+        from .records import write_selections
+
+        write_selections(self.records, self.outputs(output, rejects), overwrite=overwrite)
+
+    def _dataset(self, which: int) -> Any:
+        import datasets
+
+        from .records import to_dataset
+
+        chosen = self.outputs(None, "") [which]
+        if self.records.kind == "dataset":
+            ds = self.records.dataset.select(chosen.rows)
+            for name, values in chosen.extra:
+                ds = ds.add_column(name, values.to_pylist())
+            return ds
+        return datasets.Dataset(to_dataset(self.records, chosen))
+
+    @property
+    def kept(self) -> Any:
+        """The kept rows as a ``datasets.Dataset`` (a file input's values must fit Arrow types exactly)."""
+        return self._dataset(0)
+
+    @property
+    def rejects(self) -> Any:
+        """The dropped rows with ``ches_filter_reason`` and the scores, as a ``datasets.Dataset``."""
+        return self._dataset(1)
 
     def summary(self) -> dict:
         """Counts for printing: rows in, scored, kept, dropped by reason, threshold."""
@@ -220,7 +284,7 @@ def prune_pairs(
     import pyarrow as pa
 
     from .io import read_table
-    from .scoring import check_scores_belong, load_input, table_metadata
+    from .scoring import check_scores_belong, load_records, table_metadata
 
     config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
     score_config = score_config or ScoreConfig()
@@ -229,7 +293,8 @@ def prune_pairs(
             f"`--by {config.by}` ranks by a measure that `--measures {score_config.measures}` does not compute; "
             f"add it: `--measures {score_config.measures},{config.by}`"
         )
-    ds, layout, columns = load_input(data, score_config)
+    records, layout, columns = load_records(data, score_config)
+    ds = records.scored
     work = None
     if scores is None:
         from .model import as_loaded_model
@@ -246,30 +311,7 @@ def prune_pairs(
         check_scores_belong(table_metadata(table), table.num_rows, ds, layout, columns, flag="--scores",
                             chunk_size=score_config.chunk_size)
     selection = select_rows(table, config)
-    kept_idx = [i for i, k in enumerate(selection.keep) if k]
-    drop_idx = [i for i, k in enumerate(selection.keep) if not k]
-    score_cols = [m for m in MEASURES.names() if m in table.column_names] + ["status"]
-    kept = ds.select(kept_idx)
-    if config.add_scores:
-        for name in score_cols:
-            values = table.column(name).to_pylist()
-            kept = kept.add_column(_free_name(kept, name), [values[i] for i in kept_idx])
-    rejects = ds.select(drop_idx)
-    reasons = [selection.reason[i] for i in drop_idx]
-    rejects = rejects.add_column(_free_name(rejects, "ches_filter_reason"), reasons)
-    for name in score_cols:
-        values = table.column(name).to_pylist()
-        rejects = rejects.add_column(_free_name(rejects, name), [values[i] for i in drop_idx])
-    return PruneResult(kept=kept, rejects=rejects, scores=table, selection=selection, work=work)
-
-
-def _free_name(ds: Any, name: str) -> str:
-    # Never clobber a user column that happens to be called "ches".
-    candidate = name
-    while candidate in ds.column_names:
-        candidate = f"ches_filter_{candidate}" if not candidate.startswith("ches_filter_") else candidate + "_"
-    return candidate
-
+    return PruneResult(records=records, scores=table, selection=selection, add_scores=config.add_scores, work=work)
 
 
 #: ScoreConfig fields that never change a score value: where and how fast scoring runs, what it prints,

@@ -353,7 +353,7 @@ def test_parquet_input_to_jsonl_keeps_types_and_scores_exact(tmp_path, monkeypat
         "prompt": [f"p{i}" for i in range(4)], "chosen": [f"c{i}" for i in range(4)],
         "rejected": [f"r{i}" for i in range(4)],
         "i32": pa.array([1, None, -3, 2**31 - 1], pa.int32()),  # pandas would turn the null column into floats
-        "u64": pa.array([2**64 - 1, 0, 1, None], pa.uint64()),
+        "u64": pa.array([2**63 - 1, 0, 1, None], pa.uint64()),
         "f32": pa.array([0.1, 1.5, None, -0.0], pa.float32()),
         "lst": pa.array([[1.25, None], None, [], [1e-320]], pa.list_(pa.float64())),
     })
@@ -366,6 +366,22 @@ def test_parquet_input_to_jsonl_keeps_types_and_scores_exact(tmp_path, monkeypat
     scores = pq.read_table(tmp_path / "s.parquet").to_pylist()
     for g, w, s in zip(got, want, scores):
         assert _same(g, {**w, "ches": s["ches"], "ln_ches": s["ln_ches"], "status": s["status"]}), (g, w)
+
+
+def test_parquet_uint64_beyond_int64_is_refused_for_jsonl_and_kept_in_parquet(tmp_path, monkeypatch):
+    """JSON readers (``load_dataset("json")``, pandas) read 18446744073709551615 back as a float: refused."""
+    monkeypatch.chdir(tmp_path)
+    table = pa.table({"prompt": ["p0", "p1"], "chosen": ["c0", "c1"], "rejected": ["r0", "r1"],
+                      "u64": pa.array([1, 2**64 - 1], pa.uint64())})
+    pq.write_table(table, tmp_path / "in.parquet")
+    make_scores(tmp_path / "in.parquet", tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    result = invoke("prune", "in.parquet", "--keep", "1", "--scores", "s.parquet", "-o", "out.jsonl")
+    assert result.exit_code == 1 and "column `u64`, row 2" in result.output and "`.parquet`" in result.output
+    assert len(result.output.strip().splitlines()[-1]) > 0 and "Traceback" not in result.output
+    assert snapshot(tmp_path) == before
+    assert invoke("prune", "in.parquet", "--keep", "1", "--scores", "s.parquet", "-o", "out.parquet").exit_code == 0
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)
 
 
 @pytest.mark.parametrize("value, why", [
@@ -392,37 +408,44 @@ def test_values_json_cannot_hold_are_refused_and_nothing_written(tmp_path, monke
                   "--rejects", "rej.parquet").exit_code == 0
 
 
-@pytest.mark.parametrize("lines, where", [
-    (['{"chosen": "a", "rejected": "b", "big": 12345678901234567890}'], "line 1: column `big`"),
-    (['{"chosen": "a", "rejected": "b", "big": 1}', '{"chosen": "a", "rejected": "b", "big": -9223372036854775809}'],
-     "line 2: column `big`"),
-    (['{"chosen": "a", "rejected": "b", "deep": {"x": [1, 18446744073709551616]}}'], "line 1: column `deep`"),
-    # fits int64, but the column also holds a fraction, so it would be read as a (rounded) float
-    (['{"chosen": "a", "rejected": "b", "mix": 12345678901234567}', '{"chosen": "a", "rejected": "b", "mix": 0.5}'],
-     "line 1: column `mix` mixes integers and fractions"),
+@pytest.mark.parametrize("lines, column", [
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "big": 12345678901234567890}'], "big"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "big": 1}', '{"prompt": "p", "chosen": "a", "rejected": "b", "big": -9223372036854775809}'],
+     "big"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "deep": {"x": [1, 18446744073709551616]}}'], "deep"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "mix": 12345678901234567}', '{"prompt": "p", "chosen": "a", "rejected": "b", "mix": 0.5}'],
+     "mix"),
 ])
-def test_integers_the_loader_would_change_are_refused_with_column_and_line(tmp_path, lines, where):
+def test_numbers_a_typed_reader_would_change_pass_to_jsonl_and_are_refused_for_parquet(tmp_path, lines, column):
+    """Other columns are opaque: JSONL to JSONL keeps the lines; a typed output refuses the value in one line."""
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(BadDataError, match=where):
-        io.read_dataset(str(path))
-    result = invoke("prune", path, "--keep", "0.5", "-o", tmp_path / "out.jsonl")
-    assert result.exit_code == 1 and where.split(":")[0] in result.output, result.output
-    assert not (tmp_path / "out.jsonl").exists()
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.jsonl").read_bytes() == path.read_bytes()
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", tmp_path / "s.parquet",
+                    "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 1 and f"column `{column}`" in result.output, result.output
+    assert not (tmp_path / "out.parquet").exists()
 
 
-def test_objects_whose_keys_differ_between_rows_round_trip(tmp_path):
+def test_objects_whose_keys_differ_between_rows_pass_through(tmp_path):
     rows = [dict(PAIRS[0], o={"x": 1}), dict(PAIRS[1], o={"y": [2.5, {"z": None}], "w": "ü"}), dict(PAIRS[2], o=None)]
-    ds = io.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
-    io.write_dataset(ds, str(tmp_path / "out.jsonl"))
-    assert all(_same(a, b) for a, b in zip(_read_jsonl(tmp_path / "out.jsonl"), rows))
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = invoke("prune", path, "--keep", "1", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.jsonl").read_bytes() == path.read_bytes()
 
 
-def test_json_array_input_refuses_big_integers_too(tmp_path):
+def test_json_array_input_refuses_big_integers_for_jsonl(tmp_path):
     path = tmp_path / "in.json"
-    path.write_text('[{"chosen": "a", "rejected": "b", "n": 1},\n {"chosen": "a", "rejected": "b", "n": 99999999999999999999}]')
-    with pytest.raises(BadDataError, match="array element 2: column `n`"):
-        io.read_dataset(str(path))
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b", "n": 1},\n {"prompt": "p", "chosen": "a", "rejected": "b", "n": 99999999999999999999}]')
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 1 and "column `n`, row 2" in result.output, result.output
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def test_a_column_mixing_integers_and_fractions_comes_back_as_the_same_numbers(tmp_path):

@@ -248,7 +248,7 @@ def test_mixed_type_column(tmp_path):
     path = tmp_path / "d.jsonl"
     rows = [ROWS[0], {"chosen": [{"role": "user", "content": "hi"}], "rejected": "x"}]
     _write_jsonl(path, rows)
-    expected = r"column `chosen` mixes value types \(text on line 1, a list on line 2\)"
+    expected = r"column `chosen` holds values that cannot be read as one column"
     with pytest.raises(BadDataError, match=expected):
         io.read_dataset(str(path))
 
@@ -292,7 +292,7 @@ def test_directory_without_data(tmp_path):
 def test_bad_csv_is_wrapped(tmp_path):
     path = tmp_path / "d.csv"
     path.write_bytes(b"chosen,rejected\n\xff\xfe,x\n")
-    with pytest.raises(BadDataError, match=r"d\.csv could not be read as csv"):
+    with pytest.raises(BadDataError, match=r"d\.csv line 2 is not valid UTF-8 \(byte 0xff"):
         io.read_dataset(str(path))
 
 
@@ -336,9 +336,9 @@ def test_missing_parent_directory(tmp_path):
 
 
 def test_unknown_output_extension(tmp_path):
-    with pytest.raises(BadFlagError, match=r"extension `\.csv`; use `\.parquet`, `\.jsonl`"):
-        io.write_dataset(datasets.Dataset.from_list(ROWS), str(tmp_path / "out.csv"))
-    assert not (tmp_path / "out.csv").exists()
+    with pytest.raises(BadFlagError, match=r"extension `\.tsv`; use `\.parquet`, `\.jsonl`, `\.csv`"):
+        io.write_dataset(datasets.Dataset.from_list(ROWS), str(tmp_path / "out.tsv"))
+    assert not (tmp_path / "out.tsv").exists()
 
 
 # ----------------------------------------------------------------- writing
