@@ -277,7 +277,8 @@ class _Spool:
             self.tables = []
         ds = datasets.Dataset.from_file(self.path, in_memory=False)
         absent = [name for name in ds.column_names if name not in self.seen]
-        return ds.remove_columns(absent) if absent else ds
+        # Columns no row holds are left out (as if never asked for), unless none would remain to count the rows.
+        return ds.remove_columns(absent) if absent and len(absent) < len(ds.column_names) else ds
 
 
 def _read_json_lines(label: str, files: list[str], wanted: Sequence[str] | None, stats: list) -> Records:

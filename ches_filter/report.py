@@ -382,11 +382,13 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     from .formats import LAYOUTS, normalize_row
     from .scoring import check_scores_belong, load_input
 
-    from .io import read_dataset
+    from .io import open_records
 
     stored = meta.get("columns") or {}
     if isinstance(data, (str, os.PathLike)):
-        data = read_dataset(str(data), split=config.split, subset=config.subset)
+        # Only the pair columns are parsed: the other columns may be of any shape.
+        wanted = [stored.get("prompt") or "prompt", stored.get("chosen") or "chosen", stored.get("rejected") or "rejected"]
+        data = open_records(str(data), split=config.split, subset=config.subset, wanted=wanted).scored
     input_format = meta.get("input_format")
     names = data.column_names if hasattr(data, "column_names") else list(data[0]) if data else []
     if input_format in LAYOUTS and not LAYOUTS.get(input_format).needs_prompt and (stored.get("prompt") or "prompt") not in names:

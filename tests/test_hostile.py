@@ -226,12 +226,13 @@ def test_duplicate_json_key_is_named(tmp_path, tiny_model_dir):
 
 
 def test_duplicate_csv_column_keeps_every_row(tmp_path, tiny_model_dir):
-    """pandas renames the second `chosen` to `chosen.1`; the first is scored, no row is lost."""
+    """A pair column named twice in the header is ambiguous: refused in one line, naming it."""
     rows = read_hh(4)
     lines = ["chosen,chosen,rejected"] + [",".join(json.dumps(r[k]) for k in ("chosen", "chosen", "rejected")) for r in rows]
     path = write(tmp_path / "d.csv", ("\n".join(lines) + "\n").encode())
     result = run_score(path, tmp_path / "s.parquet", tiny_model_dir)
-    assert check_outcome(result, path, tmp_path / "s.parquet", 4) == "scored"
+    assert check_outcome(result, path, tmp_path / "s.parquet", 4) == "refused"
+    assert "the column `chosen` twice" in result.output
 
 
 def test_real_rows_with_empty_turns_get_statuses(tmp_path, tiny_model_dir):

@@ -1,0 +1,311 @@
+"""Rows pass through untouched (issue 15): a hostile corpus of JSONL, CSV and Parquet records.
+
+For each input kind, `prune` to the same kind writes the records themselves:
+kept ∪ rejects is the input, record for record (byte-identical JSON lines and
+CSV records, equal Arrow types and values for Parquet). Across kinds a value
+goes through only if it reads back identical, type-strict; otherwise one line
+names the column and row, and nothing is written. Fast tier: the scores are
+made up (rank = row order) but the input fingerprint is the real one.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import decimal
+import io as _io
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ches_filter.config import ScoreConfig
+from ches_filter.formats import normalize_row
+from ches_filter.scoring import load_records
+
+from test_hardening_io import invoke, make_scores, snapshot
+
+NA_LIKE = ["NA", "N/A", "#N/A", "None", "null", "NaN", "nan", "-nan", "NULL", "n/a", "TRUE", "False", "007", "3e5",
+           "1.0", "-0", "0x1F", "  7  "]
+FLOATS = ["1.7976931348623157e308", "5e-324", "2.225073858507201e-308", "-0.0", "0.30000000000000004", "1E5",
+          "1.0", "0.1", "-1.5e-7", "100000000000000000000.0", "123456789.12345678"]
+INTS = [str(2**63 - 1), str(-(2**63)), str(2**63), str(2**53 + 1), str(10**30), str(-(10**30)), "0", "-0", "007"[2:]]
+
+
+def _jsonl_lines() -> list[bytes]:
+    """Hostile JSON lines, written by hand so their bytes (spacing, escapes, number spelling) are the test."""
+    lines = []
+    text_values = [json.dumps(v) for v in NA_LIKE] + ['"caf\\u00e9"', '"café"', '"e\\u0301"', '"😀"',
+                                                      '"\\ud83d\\ude00"', '"tab\\there"', '"line\\nbreak"']
+    shapes = ['[1, 2.5]', '{"a": 1}', '1', '0.5', '"text"', 'null', '[]', '{}', '[{"x": [1, {"y": null}]}]', 'true']
+    for i in range(40):
+        response = text_values[i % len(text_values)]
+        number = FLOATS[i % len(FLOATS)] if i % 2 else INTS[i % len(INTS)]
+        meta = shapes[i % len(shapes)]
+        fields = [f'"prompt": "question {i}?"', f'"chosen": {response}', f'"rejected": "no {i}"',
+                  f'"meta": {meta}', f'"num":{number}', f'"status": "{["draft", "done"][i % 2]}"',
+                  f'"ches": {i}', f'"row_index": "r{i}"']
+        if i % 3 == 0:
+            fields.append('"sometimes": null')
+        if i % 5 == 0:
+            fields = fields[3:] + fields[:3]  # key order differs from row to row
+        end = b"\r\n" if i % 4 == 1 else b"\n"
+        sep = ", " if i % 2 else ","
+        lines.append(("{" + sep.join(fields) + "}").encode("utf-8") + end)
+    lines[0] = b"\xef\xbb\xbf" + lines[0]  # a BOM
+    lines[-1] = lines[-1].rstrip(b"\r\n")  # no final line break
+    return lines
+
+
+def _prune(path, tmp_path, out, rej, *extra):
+    scores = make_scores(path, tmp_path / "s.parquet")
+    return invoke("prune", path, "--keep", "0.5", "--scores", scores, "-o", out, "--rejects", rej, *extra)
+
+
+def _records_appended(line: bytes, original: bytes) -> bool:
+    """``line`` is ``original`` with keys appended at the end of its object, every original byte kept."""
+    body = original.rstrip(b"\r\n").rstrip()
+    return line.startswith(body[:-1]) and line.rstrip(b"\r\n").endswith(b"}") and json.loads(line)
+
+
+def test_jsonl_same_kind_keeps_every_line_byte_for_byte(tmp_path):
+    lines = _jsonl_lines()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(lines))
+    result = _prune(path, tmp_path, tmp_path / "kept.jsonl", tmp_path / "rej.jsonl")
+    assert result.exit_code == 0, result.output
+    kept = (tmp_path / "kept.jsonl").read_bytes().splitlines(keepends=True)
+    rejects = (tmp_path / "rej.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(kept) + len(rejects) == len(lines) and kept and rejects
+    # made-up scores rank rows in order: the first half is kept, byte for byte
+    assert kept == lines[: len(kept)]
+    for got, original in zip(rejects, lines[len(kept):]):
+        assert _records_appended(got, original), (got, original)
+        appended = json.loads(got.decode("utf-8-sig"))
+        assert list(appended)[-4:] == ["ches_filter_reason", "ches_filter_ches", "ln_ches", "ches_filter_status"]
+        assert appended["ches_filter_reason"] == "high_score"
+        assert got.endswith(original[len(original.rstrip(b"\r\n")):])  # the line's own line break
+
+
+def test_jsonl_add_scores_appends_and_never_rounds(tmp_path):
+    """A metadata column mixing kinds used to send rows through pandas and round 8.123456789012345."""
+    lines = [(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r", "rating": [1, "high"][i % 2]})[:-1]
+              + ', "score_chosen": 8.123456789012345}\n').encode() for i in range(6)]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(lines))
+    scores = make_scores(path, tmp_path / "s.parquet")
+    result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / "out.jsonl", "--add-scores")
+    assert result.exit_code == 0, result.output
+    out = (tmp_path / "out.jsonl").read_bytes().splitlines(keepends=True)
+    table = pq.read_table(scores).to_pylist()
+    for got, original, score in zip(out, lines, table):
+        assert got.startswith(original.rstrip()[:-1]) and b"8.123456789012345" in got
+        row = json.loads(got)
+        assert row["ches"] == score["ches"] and row["ln_ches"] == score["ln_ches"] and row["status"] == "ok"
+
+
+def test_jsonl_responses_are_scored_as_written(tmp_path):
+    """NA-like, number-like and unicode responses are text: every such pair is valid (`ok`)."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(_jsonl_lines()))
+    records, layout, columns = load_records(str(path), ScoreConfig())
+    rows = records.scored.to_list()
+    written = [json.loads(line.decode("utf-8-sig")) for line in _jsonl_lines()]
+    assert [r["chosen"] for r in rows] == [w["chosen"] for w in written]
+    assert all(normalize_row(row, layout, columns).status == "ok" for row in rows)
+    assert records.scored.column_names == ["prompt", "chosen", "rejected"]  # nothing else is parsed into types
+
+
+def test_jsonl_across_kinds_is_refused_in_one_line_with_nothing_written(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(_jsonl_lines()))
+    make_scores(path, tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    for out in ("out.parquet", "out.csv", "out_dir"):
+        result = invoke("prune", path, "--keep", "0.5", "--scores", tmp_path / "s.parquet", "-o", tmp_path / out)
+        assert result.exit_code == 1, (out, result.output)
+        (line,) = [x for x in result.output.splitlines() if x.startswith("Error:")]
+        assert "column `" in line and ", row " in line and "`.jsonl` output" in line, line
+        assert "Traceback" not in result.output
+        assert snapshot(tmp_path) == before
+
+
+def test_jsonl_across_kinds_passes_values_that_come_back_identical(tmp_path):
+    rows = [{"prompt": f"p{i}", "chosen": "NA", "rejected": "None", "f": [-0.0, 5e-324, 1.7976931348623157e308][i % 3],
+             "n": [2**63 - 1, 2**53 + 1, -(2**63)][i % 3], "s": "007", "o": {"k": [1, 2]}} for i in range(6)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = make_scores(path, tmp_path / "s.parquet")
+    result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 0, result.output
+    back = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [json.dumps(r) for r in back] == [json.dumps(r) for r in rows]  # -0.0, 5e-324 and ints stay what they were
+    assert math.copysign(1, back[0]["f"]) == -1
+
+
+def test_jsonl_mixed_int_and_fraction_is_refused_for_parquet(tmp_path):
+    """`1` and `0.5` in one column: a typed column would bring back 1.0."""
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "x": v} for v in (1, 0.5)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scores = make_scores(path, tmp_path / "s.parquet")
+    result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 1 and "column `x`, row 1" in result.output and "1.0" in result.output, result.output
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_deep_json_value_is_one_line_not_a_traceback(tmp_path):
+    deep = "[" * 1000 + "]" * 1000
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "c", "rejected": "r", "d": ' + deep + "}\n")
+    result = invoke("score", path, "-o", tmp_path / "s.parquet", "--model", "unused")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "line 1 nests JSON values deeper" in result.output, result.output
+
+
+def test_json_array_floats_are_not_rounded(tmp_path):
+    """A `.json` array went through the type-inferring loader: 1.79e308 became inf, 5e-324 0.0, -0.0 0.0."""
+    path = tmp_path / "in.json"
+    path.write_text('[{"prompt": "p0", "chosen": "c", "rejected": "r", "f": 1.7976931348623157e308},\n'
+                    ' {"prompt": "p1", "chosen": "c", "rejected": "r", "f": 5e-324},\n'
+                    ' {"prompt": "p2", "chosen": "c", "rejected": "r", "f": -0.0}]')
+    scores = make_scores(path, tmp_path / "s.parquet")
+    for out in ("out.parquet", "out.jsonl"):
+        result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / out)
+        assert result.exit_code == 0, result.output
+    got = pq.read_table(tmp_path / "out.parquet").column("f").to_pylist()
+    assert got[:2] == [1.7976931348623157e308, 5e-324] and math.copysign(1, got[2]) == -1
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["f"] for r in lines][:2] == [1.7976931348623157e308, 5e-324] and math.copysign(1, lines[2]["f"]) == -1
+
+
+@pytest.mark.parametrize("flags", [("--keep-count", "0"), ("--max-score", "-1000")])
+def test_zero_kept_rows_is_refused_and_nothing_written(tmp_path, flags):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": "c", "rejected": "r"}) + "\n" for i in range(10)))
+    scores = make_scores(path, tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    for out in ("out.jsonl", "out.parquet"):
+        result = invoke("prune", path, *flags, "--scores", scores, "-o", tmp_path / out, "--rejects", tmp_path / "rej.jsonl")
+        assert result.exit_code == 1 and "no row is kept" in result.output and "nothing was written" in result.output
+        assert snapshot(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------- CSV
+
+
+def _csv_bytes() -> bytes:
+    rows = [b"\xef\xbb\xbfprompt,chosen,rejected,status,ches,row_index,num,empty\r\n"]
+    for i, value in enumerate(NA_LIKE + ["a, with comma", 'say "hi"', "two\nlines", "😀 e\u0301"]):
+        quoted = '"' + value.replace('"', '""') + '"' if any(c in value for c in ',"\n') else value
+        num = [*FLOATS, *INTS][i % (len(FLOATS) + len(INTS))]
+        rows.append(f"q{i},{quoted},no,{['NA', ''][i % 2]},{num},{i:03d},{num},".encode() + (b"\r\n" if i % 3 else b"\n"))
+    return b"".join(rows)
+
+
+def _csv_records(data: bytes) -> list[list[str]]:
+    return list(csv.reader(_io.StringIO(data.decode("utf-8-sig"), newline="")))
+
+
+def test_csv_same_kind_keeps_records_verbatim_under_the_header(tmp_path):
+    data = _csv_bytes()
+    path = tmp_path / "in.csv"
+    path.write_bytes(data)
+    result = _prune(path, tmp_path, tmp_path / "kept.csv", tmp_path / "rej.csv")
+    assert result.exit_code == 0, result.output
+    kept, rejects = (tmp_path / "kept.csv").read_bytes(), (tmp_path / "rej.csv").read_bytes()
+    header_end = data.index(b"\r\n") + 2
+    assert kept.startswith(data[:header_end]) and data.startswith(kept)  # header and the first records, verbatim
+    original = _csv_records(data)
+    back = _csv_records(kept)[1:] + [r[: len(original[0])] for r in _csv_records(rejects)[1:]]
+    assert back == original[1:]
+    assert _csv_records(rejects)[0] == original[0] + ["ches_filter_reason", "ches_filter_ches", "ln_ches", "ches_filter_status"]
+
+
+def test_csv_cells_are_text_exactly(tmp_path):
+    """`None`, `NA`, `007`, `3e5`, an empty cell: text, as written; every pair valid."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(_csv_bytes())
+    records, layout, columns = load_records(str(path), ScoreConfig())
+    rows = records.scored.to_list()
+    assert [r["chosen"] for r in rows] == [r[1] for r in _csv_records(_csv_bytes())[1:]]
+    assert all(normalize_row(row, layout, columns).status == "ok" for row in rows)
+
+
+def test_csv_to_jsonl_and_parquet_carry_text_identically(tmp_path):
+    data = _csv_bytes()
+    path = tmp_path / "in.csv"
+    path.write_bytes(data)
+    scores = make_scores(path, tmp_path / "s.parquet")
+    header, *records = _csv_records(data)
+    for out in ("out.jsonl", "out.parquet"):
+        result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / out)
+        assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text("utf-8").splitlines()]
+    assert lines == [dict(zip(header, r)) for r in records]
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.to_pylist() == lines and all(pa.types.is_string(t) for t in table.schema.types)
+
+
+# ------------------------------------------------------------------------ Parquet
+
+
+def _parquet_table() -> pa.Table:
+    n = 12
+    table = pa.table({
+        "prompt": pa.array([f"q{i}" for i in range(n)], pa.large_string()),
+        "chosen": pa.array([NA_LIKE[i % len(NA_LIKE)] for i in range(n)]).dictionary_encode(),
+        "rejected": [f"no {i}" for i in range(n)],
+        "st": pa.array([{"a": i, "b": [str(i)]} for i in range(n)]),
+        "lst": pa.array([[i, None] if i % 2 else None for i in range(n)], pa.list_(pa.int64())),
+        "ts": pa.array([datetime.datetime(2024, 1, 1, i, tzinfo=datetime.timezone.utc) for i in range(n)],
+                       pa.timestamp("us", tz="Europe/Paris")),
+        "dec": pa.array([decimal.Decimal(f"{i}.10") for i in range(n)], pa.decimal128(10, 2)),
+        "u64": pa.array([2**64 - 1 - i for i in range(n)], pa.uint64()),
+        "i8": pa.array([(-128 + i) for i in range(n)], pa.int8()),
+        "f32": pa.array([0.1 * i if i % 3 else -0.0 for i in range(n)], pa.float32()),
+        "status": ["x"] * n, "row_index": [f"r{i}" for i in range(n)],
+    })
+    return table.replace_schema_metadata({b"owner": b"me", b"note": "ü".encode()})
+
+
+def test_parquet_same_kind_keeps_types_values_and_metadata(tmp_path):
+    table = _parquet_table()
+    path = tmp_path / "in.parquet"
+    pq.write_table(table, path)
+    result = _prune(path, tmp_path, tmp_path / "kept.parquet", tmp_path / "rej.parquet")
+    assert result.exit_code == 0, result.output
+    kept = pq.read_table(tmp_path / "kept.parquet")
+    rejects = pq.read_table(tmp_path / "rej.parquet")
+    assert kept.schema.equals(pq.read_schema(path), check_metadata=True)
+    assert pa.types.is_dictionary(kept.schema.field("chosen").type)
+    assert rejects.column_names[: table.num_columns] == table.column_names
+    assert rejects.column_names[table.num_columns:] == ["ches_filter_reason", "ches", "ln_ches", "ches_filter_status"]
+    both = pa.concat_tables([kept, rejects.select(table.column_names)])
+    assert both.equals(pq.read_table(path)) and kept.num_rows and rejects.num_rows
+
+
+def test_parquet_to_jsonl_refuses_what_json_cannot_carry(tmp_path):
+    path = tmp_path / "in.parquet"
+    pq.write_table(_parquet_table(), path)
+    make_scores(path, tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    for out in ("out.jsonl", "out.csv"):
+        result = invoke("prune", path, "--keep", "1", "--scores", tmp_path / "s.parquet", "-o", tmp_path / out)
+        assert result.exit_code == 1 and "column `" in result.output and "`.parquet` output" in result.output
+        assert snapshot(tmp_path) == before
+
+
+def test_parquet_add_scores_appends_columns(tmp_path):
+    path = tmp_path / "in.parquet"
+    table = _parquet_table()
+    pq.write_table(table, path)
+    scores = make_scores(path, tmp_path / "s.parquet")
+    result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / "out.parquet", "--add-scores")
+    assert result.exit_code == 0, result.output
+    out = pq.read_table(tmp_path / "out.parquet")
+    assert out.select(table.column_names).equals(pq.read_table(path))
+    assert out.column_names[table.num_columns:] == ["ches", "ln_ches", "ches_filter_status"]
+    assert out.column("ches").to_pylist() == pq.read_table(scores).column("ches").to_pylist()
