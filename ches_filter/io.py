@@ -58,7 +58,6 @@ _OUTPUT_HELP = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _DATA_FILE_SUFFIXES = _INPUT_SUFFIXES + (".gz", ".arrow", ".txt", ".tsv", ".zip")
 _GLOB_CHARS = frozenset("*?[")
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 # --------------------------------------------------------------------------

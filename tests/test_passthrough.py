@@ -309,3 +309,17 @@ def test_parquet_add_scores_appends_columns(tmp_path):
     assert out.select(table.column_names).equals(pq.read_table(path))
     assert out.column_names[table.num_columns:] == ["ches", "ln_ches", "ches_filter_status"]
     assert out.column("ches").to_pylist() == pq.read_table(scores).column("ches").to_pylist()
+
+
+# ---------------------------------------------------------------- scored as written
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_every_valid_pair_is_scored_ok_whatever_its_responses_say(tmp_path, tiny_model_dir, kind):
+    """`score` reads NA-like, number-like and unicode responses as text beside metadata of any shape: all `ok`."""
+    path = tmp_path / f"in.{kind}"
+    path.write_bytes(b"".join(_jsonl_lines()) if kind == "jsonl" else _csv_bytes())
+    result = invoke("score", path, "-o", tmp_path / "s.parquet", "--model", tiny_model_dir, "-q")
+    assert result.exit_code == 0, result.output
+    status = pq.read_table(tmp_path / "s.parquet").column("status").to_pylist()
+    assert status and set(status) == {"ok"}, status
