@@ -747,8 +747,10 @@ def _select_csv(records: Records, rows: Any, extra: list, tmp: str) -> None:
     with open(tmp, "wb") as handle:
         writer = _Writer(handle)
         header_done = False
-        for _path, line, _cells, raw, _header in _iter_csv(records.files):
+        width = 0
+        for _path, line, cells, raw, _header in _iter_csv(records.files):
             if line == 0:
+                width = len(cells)
                 if not header_done:
                     if extras:
                         body, end = _split_terminator(raw)
@@ -758,8 +760,10 @@ def _select_csv(records: Records, rows: Any, extra: list, tmp: str) -> None:
                 continue
             if mask[index]:
                 if extras:
+                    # A short record gets its missing (empty) cells first, so the new cells land under their names.
                     body, end = _split_terminator(raw)
-                    raw = body + b"," + _csv_cells([v[position] for _, v in extras]) + end
+                    pad = b"," * (width - len(cells))
+                    raw = body + pad + b"," + _csv_cells([v[position] for _, v in extras]) + end
                 writer.write(raw)
                 position += 1
             index += 1

@@ -323,3 +323,28 @@ def test_every_valid_pair_is_scored_ok_whatever_its_responses_say(tmp_path, tiny
     assert result.exit_code == 0, result.output
     status = pq.read_table(tmp_path / "s.parquet").column("status").to_pylist()
     assert status and set(status) == {"ok"}, status
+
+
+def test_csv_short_record_gets_appended_cells_under_their_names(tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"prompt,chosen,rejected,note\nq0,a,b,x\nq1,a,b\n")
+    scores = make_scores(path, tmp_path / "s.parquet")
+    result = invoke("prune", path, "--keep", "1", "--scores", scores, "-o", tmp_path / "out.csv", "--add-scores")
+    assert result.exit_code == 0, result.output
+    header, *rows = _csv_records((tmp_path / "out.csv").read_bytes())
+    assert header == ["prompt", "chosen", "rejected", "note", "ches", "ln_ches", "status"]
+    assert [r[:4] for r in rows] == [["q0", "a", "b", "x"], ["q1", "a", "b", ""]] and [r[6] for r in rows] == ["ok", "ok"]
+    assert (tmp_path / "out.csv").read_bytes().splitlines()[2].startswith(b"q1,a,b,,")
+
+
+def test_input_changed_after_reading_is_refused_with_nothing_written(tmp_path):
+    from ches_filter.errors import BadDataError
+    from ches_filter.records import Selection, write_selections
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    records, _, _ = load_records(str(path), ScoreConfig())
+    path.write_text('{"prompt": "p", "chosen": "a", "rejected": "b", "x": 1}\n')
+    with pytest.raises(BadDataError, match="changed while ches-filter ran"):
+        write_selections(records, [Selection("--output", str(tmp_path / "out.jsonl"), [0])])
+    assert not (tmp_path / "out.jsonl").exists()
