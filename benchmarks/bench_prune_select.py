@@ -45,11 +45,11 @@ def _text(rng: random.Random, n: int) -> str:
 def _meta(rng: random.Random, i: int, varied: bool) -> dict:
     if not varied:
         return {"source": f"s{i % 17}", "rating": rng.random() * 10, "tags": [_text(rng, 1) for _ in range(3)],
-                "n": i, "note": _text(rng, 8)}
+                "n": i, "note": _text(rng, 30)}
     shape = i % 5
     value = ([rng.randint(0, 9), rng.random()] if shape == 0 else {"k": _text(rng, 2), "v": [1, {"x": None}]}
              if shape == 1 else rng.random() if shape == 2 else _text(rng, 4) if shape == 3 else None)
-    return {"source": f"s{i % 17}", "rating": [1, "high", 2.5][i % 3], "extra": value, "n": i, "note": _text(rng, 8)}
+    return {"source": f"s{i % 17}", "rating": [1, "high", 2.5][i % 3], "extra": value, "n": i, "note": _text(rng, 30)}
 
 
 def generate(path: Path, rows: int, varied: bool) -> None:

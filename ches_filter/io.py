@@ -1,7 +1,9 @@
 """Reading preference datasets and writing results, with clear errors.
 
-Inputs are loaded through the ``datasets`` library so rows stay Arrow-backed
-and memory-mapped instead of becoming one Python list. Outputs are written
+Inputs are opened by :func:`open_records` into :class:`~ches_filter.records.Records`:
+only the scored columns are parsed (into memory-mapped Arrow), every other
+column stays opaque, and outputs are selections of the records themselves
+(:func:`ches_filter.records.write_selections`). Outputs are written
 atomically: to a hidden sibling first, then renamed into place, so an
 interrupted run never leaves a half-written file where the result belongs.
 
@@ -749,18 +751,19 @@ def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
 
 
 def write_dataset(ds: "datasets.Dataset", path: str, *, overwrite: bool = False) -> None:
-    """Writes a dataset atomically as parquet, JSON lines or a saved directory.
+    """Writes a dataset atomically as parquet, JSON lines, CSV or a saved directory.
 
     Args:
-        ds: The dataset to write.
-        path: ``*.parquet``, ``*.jsonl``, or a path without extension (or an
-            existing directory) for ``save_to_disk``.
+        ds: The dataset to write (at least one row).
+        path: ``*.parquet``, ``*.jsonl``, ``*.csv``, or a path without
+            extension (or an existing directory) for ``save_to_disk``.
         overwrite: Whether an existing ``path`` may be replaced.
 
     Raises:
         BadFlagError: Unknown extension, ``path`` exists without
             ``overwrite``, or its parent directory is missing.
-        BadDataError: A value cannot be written to JSON lines exactly.
+        BadDataError: No row, or a value would not read back identical from
+            JSON lines or CSV (one line: column and row; nothing written).
         ChesFilterError: The file system refused the write.
     """
     write_datasets([(None, ds, path)], overwrite=overwrite)
@@ -770,8 +773,8 @@ def write_datasets(items: Iterable[tuple[str | None, "datasets.Dataset", str]], 
     """Writes several datasets so that either all of them appear or none does.
 
     Every dataset is written to its hidden temporary sibling first; only when
-    all were written are they renamed into place. A value that JSON lines
-    cannot hold, a full disk or a permission error therefore leaves every
+    all were written are they renamed into place. A value that JSON lines or
+    CSV cannot hold exactly, a full disk or a permission error therefore leaves every
     target as it was.
 
     Args:
