@@ -348,3 +348,28 @@ def test_input_changed_after_reading_is_refused_with_nothing_written(tmp_path):
     with pytest.raises(BadDataError, match="changed while ches-filter ran"):
         write_selections(records, [Selection("--output", str(tmp_path / "out.jsonl"), [0])])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_saved_dataset_same_kind_is_a_select(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "chosen": NA_LIKE[i], "rejected": "no", "n": i, "f": [0.5, -0.0][i % 2]} for i in range(8)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    result = _prune(tmp_path / "saved", tmp_path, tmp_path / "kept", tmp_path / "rej")
+    assert result.exit_code == 0, result.output
+    kept, rejects = datasets.load_from_disk(str(tmp_path / "kept")), datasets.load_from_disk(str(tmp_path / "rej"))
+    assert kept.features == datasets.load_from_disk(str(tmp_path / "saved")).features
+    back = kept.to_list() + [{k: r[k] for k in rows[0]} for r in rejects.to_list()]
+    assert [json.dumps(r) for r in back] == [json.dumps(r) for r in rows]
+
+
+def test_gzipped_jsonl_same_kind_writes_the_decompressed_lines(tmp_path):
+    import gzip
+
+    lines = _jsonl_lines()
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(gzip.compress(b"".join(lines)))
+    result = _prune(path, tmp_path, tmp_path / "kept.jsonl", tmp_path / "rej.jsonl")
+    assert result.exit_code == 0, result.output
+    kept = (tmp_path / "kept.jsonl").read_bytes().splitlines(keepends=True)
+    assert kept == lines[: len(kept)] and kept
