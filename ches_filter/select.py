@@ -123,26 +123,32 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
     Returns:
         The :class:`Selection`, in ``row_index`` order.
     """
-    row_index = scores.column("row_index").to_pylist() if "row_index" in scores.column_names else None
+    import numpy as np
+    import pyarrow.compute as pc
+
     ranked, values, ok = rank_scored(scores, config.by)
-    if row_index != list(range(len(row_index))):
+    n = scores.num_rows
+    # numpy and dictionary codes, not a Python object per row: a million rows stay a few MB.
+    row_index = scores.column("row_index")
+    if row_index.null_count or not np.array_equal(np.asarray(row_index.to_numpy(zero_copy_only=False)), np.arange(n)):
         raise BadDataError("the score table's `row_index` is not 0..N-1 in order; it was edited or is incomplete")
-    status = scores.column("status").to_pylist()
-    n = len(status)
+    encoded = pc.dictionary_encode(pc.fill_null(scores.column("status"), "")).combine_chunks()
+    codes = np.asarray(encoded.indices.to_numpy(zero_copy_only=False))
+    names = [name if name not in ("", SCORED_STATUS) else "missing_score" for name in encoded.dictionary.to_pylist()]
     kept_ok = ranked[: kept_count(ranked, values, config)]
-    keep = [False] * n
+    keep_mask = np.zeros(n, dtype=bool)
+    keep_mask[kept_ok] = True
+    high = ok & ~keep_mask
+    unscored = ~ok & ~keep_mask
+    if config.keep_unscored:
+        keep_mask |= unscored
+        unscored[:] = False
+    keep = keep_mask.tolist()
     reason: list[str | None] = [None] * n
-    for i in kept_ok.tolist():
-        keep[i] = True
-    for i in range(n):
-        if keep[i]:
-            continue
-        if ok[i]:
-            reason[i] = HIGH_SCORE
-        elif config.keep_unscored:
-            keep[i] = True
-        else:
-            reason[i] = status[i] if status[i] != SCORED_STATUS else "missing_score"
+    for i in np.flatnonzero(high).tolist():
+        reason[i] = HIGH_SCORE
+    for i in np.flatnonzero(unscored).tolist():
+        reason[i] = names[codes[i]]
     counts: dict[str, int] = {}
     for r in reason:
         if r is not None:
