@@ -47,7 +47,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: What each input kind writes as the same kind (for the advice of a refusal).
 SAME_KIND_OUTPUT = {
     "jsonl": "a `.jsonl` output",
-    "json": "a `.jsonl` output",  # never refused: JSON values go to JSON lines unchanged
+    "json": "the `.json` array as JSON lines (one object per line) and prune that to a `.jsonl` output",
     "csv": "a `.csv` output",
     "parquet": "a `.parquet` output",
     "dataset": "a directory output (save_to_disk) or `.parquet`",
@@ -645,8 +645,9 @@ def write_selections(records: Records, outputs: Sequence[Selection], *, overwrit
                         column, row, why = refused.args
                         raise BadDataError(
                             f"column `{column}`, row {row + 1} of {source.label}: {why}, so {_named_flag(out.flag)}"
-                            f"{out.path} would not hold it unchanged; nothing was written; write "
-                            f"{SAME_KIND_OUTPUT[source.kind]} (the input's own kind) to keep the records as they are."
+                            f"{out.path} would not hold it unchanged; nothing was written; "
+                            + ("convert " if source.kind == "json" else "write ")
+                            + f"{SAME_KIND_OUTPUT[source.kind]} (the input's own kind) to keep the records as they are."
                         ) from None
     except OSError as exc:
         raise ChesFilterError(f"could not write {' or '.join(o.path for o in outputs)} ({_reason(exc)}).") from None
