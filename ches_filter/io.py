@@ -24,8 +24,8 @@ import re
 import shutil
 import socket
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import BadDataError, BadFlagError, ChesFilterError
 
@@ -107,6 +107,30 @@ def read_dataset(
     return ds
 
 
+def shown_path(path: str) -> str:
+    """``path`` as text that can be printed and stored: a byte that is not UTF-8 as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_name(path: str, what: str = "") -> None:
+    """Refuses a path whose name is not valid UTF-8 (e.g. ``bad\\xff.jsonl``).
+
+    Python holds such a byte as a lone surrogate: the name can be opened, but it
+    cannot be written into JSON or Parquet metadata, and pyarrow cannot open it.
+    Refused up front, before anything is written.
+
+    Raises:
+        BadFlagError: naming the path with the byte shown as ``\\xNN``.
+    """
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadFlagError(
+            f"{what + ' ' if what else ''}{shown_path(path)} has a name that is not valid UTF-8; ches-filter records "
+            "file names in its outputs' metadata, so rename it (or link it under a UTF-8 name) and pass that name."
+        ) from None
+
+
 def _reject_split_subset(source: str, split: str | None, subset: str | None) -> None:
     # Silently ignoring `--split` on a plain file would let a user believe they
     # filtered the test split when they did not.
@@ -147,6 +171,7 @@ def _read_glob(pattern: str) -> "datasets.Dataset":
             f"{pattern} matches no files; check the pattern (quote it so the shell "
             "does not expand it) or pass a file or directory instead."
         )
+    logger.info("%s matched %d file%s", pattern, len(files), "" if len(files) == 1 else "s")
     kinds = {_file_kind(f) for f in files}
     if len(kinds) > 1:
         raise BadDataError(
@@ -283,6 +308,7 @@ def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
     import datasets
 
     for path in files:
+        check_name(path, "the input file")  # a file found in a directory or by a glob
         if kind == "json":
             _validate_json_file(path)
         elif kind != "parquet" and not os.access(path, os.R_OK):
@@ -294,8 +320,9 @@ def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
         if not files:
             raise BadDataError(f"{label} holds no rows; it needs at least one example.")
     try:
+        # datasets reads each data_files entry as a pattern: escaped, `d[1].jsonl` is that file, never `d1.jsonl`.
         return datasets.load_dataset(
-            kind, data_files=[os.path.abspath(f) for f in files], split="train"
+            kind, data_files=[glob.escape(os.path.abspath(f)) for f in files], split="train"
         )
     except Exception as exc:  # noqa: BLE001 - DatasetGenerationError, pandas, arrow...
         # StopIteration comes from the json loader on a file without records,
@@ -679,12 +706,67 @@ def _flag(name: str | None) -> str:
     return f"`{name}` " if name else ""
 
 
+#: The files of one ``save_to_disk`` dataset: all that :func:`write_dataset` leaves in a directory.
+_SAVED_FILE = re.compile(r"^(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)$")
+
+
+def foreign_files(path: str, ours: Callable[[str], bool], prefix: str = "") -> list[str]:
+    """Entries of the directory ``path`` other than regular files whose name ``ours`` accepts (a directory with a slash)."""
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            foreign.append(prefix + name + "/")
+        elif os.path.islink(full) or not ours(name):
+            foreign.append(prefix + name)
+    return foreign
+
+
+def foreign_to_dataset(path: str) -> list[str]:
+    """What the directory ``path`` holds besides a dataset :func:`write_dataset` saved there.
+
+    A dataset's ``data-NNNNN-of-NNNNN.arrow``, ``dataset_info.json`` and
+    ``state.json``; a DatasetDict's ``dataset_dict.json`` and one such
+    directory per split. Anything else (hidden files, links and the user's
+    notes too) is listed, as paths relative to ``path``.
+    """
+    if not os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return foreign_files(path, _SAVED_FILE.match)
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            foreign += foreign_files(full, _SAVED_FILE.match, name + "/")
+        elif name != "dataset_dict.json" or os.path.islink(full):
+            foreign.append(name)
+    return foreign
+
+
+def _check_replaceable(name: str | None, path: str, foreign_of: Callable[[str], list[str]]) -> None:
+    """Refuses to replace the directory ``path`` when it holds anything ches-filter did not write there."""
+    try:
+        foreign = foreign_of(path)
+    except OSError as exc:
+        raise BadFlagError(
+            f"{_flag(name)}{path} is a directory that cannot be listed ({_reason(exc)}); ches-filter replaces a "
+            f"directory only when it holds nothing but its own output: choose another {_flag(name).strip() or 'output'}."
+        ) from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BadFlagError(
+            f"{_flag(name)}{path} is a directory that holds files ches-filter did not write ({shown}); `--overwrite` "
+            f"would delete them, so it replaces only what ches-filter wrote there: move them out or choose another "
+            f"{_flag(name).strip() or 'output'}."
+        )
+
+
 def check_paths(
     outputs: Any,
     inputs: Any = (),
     *,
     overwrite: bool,
     may_exist: Iterable[str] = (),
+    foreign: Mapping[str, Callable[[str], list[str]]] | None = None,
 ) -> None:
     """Refuses, before anything is written, outputs that clash with each other or with an input.
 
@@ -706,6 +788,11 @@ def check_paths(
         overwrite: Whether existing outputs may be replaced.
         may_exist: Output flags whose existing path is expected (a work
             directory to resume); they skip the "exists" check.
+        foreign: ``{flag: function}`` listing what an existing directory at
+            that output holds besides this command's own output (default
+            :func:`foreign_to_dataset`). An output replaced with ``overwrite``
+            that is such a directory (not a link to one) must hold nothing
+            else: the user's files in it are never deleted.
 
     Raises:
         BadFlagError: naming both flags of a clash, or the flag of an output
@@ -715,6 +802,8 @@ def check_paths(
     for name, path in outs:
         if not os.fspath(path):
             raise BadFlagError(f"{_flag(name) or 'the output '}is an empty path; give the path to write.")
+    for name, path in outs + _named(inputs):
+        check_name(path, _flag(name).strip())
     ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
     may_exist = set(may_exist)
     check_not_matched(outs, inputs)
@@ -758,6 +847,11 @@ def check_paths(
     for name, path in outs:
         if name not in may_exist and os.path.lexists(path) and not overwrite:
             raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
+        # What is replaced is the path as atomic_paths spells it: `dir/`, `./dir` and `d/../dir` are the directory,
+        # a symbolic link is itself (what it points at stays).
+        target = os.path.abspath(path)
+        if name not in may_exist and os.path.isdir(target) and not os.path.islink(target):
+            _check_replaceable(name, path, (foreign or {}).get(name, foreign_to_dataset))
         parent = os.path.dirname(os.path.abspath(path))
         # As spelled too: `missing/../out` normalises to an existing parent, but
         # creating it (os.makedirs) would first create `missing/`.
