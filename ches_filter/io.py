@@ -113,21 +113,29 @@ def shown_path(path: str) -> str:
 
 
 def check_name(path: str, what: str = "") -> None:
-    """Refuses a path whose name is not valid UTF-8 (e.g. ``bad\\xff.jsonl``).
+    """Refuses a path that is not valid UTF-8 (``bad\\xff.jsonl``, or any name in a directory whose name is such).
 
-    Python holds such a byte as a lone surrogate: the name can be opened, but it
-    cannot be written into JSON or Parquet metadata, and pyarrow cannot open it.
-    Refused up front, before anything is written.
+    Python holds such a byte as a lone surrogate: the file can be opened, but
+    its name cannot be written into JSON or Parquet metadata, and pyarrow cannot
+    open it. Refused up front, before anything is written. The absolute path is
+    checked: work files are written under it.
 
     Raises:
         BadFlagError: naming the path with the byte shown as ``\\xNN``.
     """
+    path = os.fspath(path)
+    full = os.path.abspath(path)
     try:
-        os.fspath(path).encode("utf-8")
+        full.encode("utf-8")
     except UnicodeEncodeError:
+        try:
+            path.encode("utf-8")
+            where = f"{path} lies in a directory whose name ({shown_path(os.path.dirname(full))}) is"
+        except UnicodeEncodeError:
+            where = f"{shown_path(path)} has a name that is"
         raise BadFlagError(
-            f"{what + ' ' if what else ''}{shown_path(path)} has a name that is not valid UTF-8; ches-filter records "
-            "file names in its outputs' metadata, so rename it (or link it under a UTF-8 name) and pass that name."
+            f"{what + ' ' if what else ''}{where} not valid UTF-8; ches-filter records file names in its outputs' "
+            "metadata and pyarrow opens only UTF-8 paths, so rename it (or link it under a UTF-8 name) and pass that name."
         ) from None
 
 

@@ -291,6 +291,19 @@ def test_name_that_is_not_utf8_found_in_a_directory_or_by_a_glob(tmp_path, monke
         assert os.listdir(".") == ["data"]
 
 
+def test_utf8_names_in_a_directory_that_is_not_utf8_are_refused(tmp_path, monkeypatch):
+    # Work files go under the absolute path: the whole path must be UTF-8, not only the name given.
+    cwd = tmp_path / os.fsdecode(b"cwd\xff")
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    write_lines("d.jsonl", hh_rows(3))
+    for args in (["score", "d.jsonl", "-o", "s.parquet"], ["prune", "d.jsonl", "--keep", "1", "-o", "k.jsonl"]):
+        result = run(*args)
+        assert result.exit_code == 2, result.output
+        assert "cwd\\xff" in error_line(result) and "not valid UTF-8" in error_line(result)
+        assert os.listdir(".") == ["d.jsonl"]
+
+
 @pytest.mark.parametrize("flag", ["-o", "--rejects", "--work-dir"])
 def test_output_name_that_is_not_utf8_is_refused_in_one_line(tmp_path, monkeypatch, flag):
     monkeypatch.chdir(tmp_path)
