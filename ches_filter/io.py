@@ -91,6 +91,10 @@ def read_dataset(
     elif os.path.exists(source):
         _reject_split_subset(source, split, subset)
         ds = _read_files(source, [source], _file_kind(source))
+    elif os.path.lexists(source):  # a link to nothing: the name is taken, so it is no glob either
+        raise BadDataError(
+            f"{source} is a symbolic link to {os.readlink(source)}, which does not exist; fix the link or pass the file."
+        )
     elif _GLOB_CHARS & set(source):
         _reject_split_subset(source, split, subset)
         ds = _read_glob(source)

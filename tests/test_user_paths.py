@@ -105,6 +105,8 @@ def test_file_output_that_is_the_users_directory_is_refused(tmp_path):
     # score too, even before `--overwrite` is considered (an existing output is its resume logic's business)
     result = run("score", EXAMPLE_HH, "-o", tmp_path / "out.parquet", "--overwrite")
     assert result.exit_code == 2 and "notes.txt" in error_line(result)
+    result = run("displacement", EXAMPLE_HH, "-o", tmp_path / "out.parquet", "--overwrite")
+    assert result.exit_code == 2 and "notes.txt" in error_line(result)
     assert (tmp_path / "out.parquet" / "deep" / "y").read_text() == "y"
     assert sorted(os.listdir(tmp_path)) == ["out.parquet"]
 
@@ -234,6 +236,16 @@ def test_an_existing_file_named_like_a_glob_is_that_file(tmp_path, monkeypatch, 
     write_lines("dir/a[1].jsonl", hh_rows(1))
     write_lines("dir/a1.jsonl", hh_rows(6))
     assert _rows_read("dir") == 7
+
+
+def test_a_broken_link_named_like_a_glob_is_no_glob(tmp_path, monkeypatch):
+    from ches_filter.errors import BadDataError
+
+    monkeypatch.chdir(tmp_path)
+    write_lines("d1.jsonl", hh_rows(5))
+    os.symlink("gone.jsonl", "d[1].jsonl")
+    with pytest.raises(BadDataError, match=r"d\[1\]\.jsonl is a symbolic link to gone.jsonl, which does not exist"):
+        read_dataset("d[1].jsonl")
 
 
 def test_alone_a_file_named_like_a_glob_holds_its_rows(tmp_path):
