@@ -127,7 +127,7 @@ def check_name(path: str, what: str = "") -> None:
     Raises:
         BadFlagError: naming the path with the byte shown as ``\\xNN``.
     """
-    path = os.fspath(path)
+    path = os.fsdecode(path)
     full = os.path.abspath(path)
     try:
         full.encode("utf-8")
