@@ -221,7 +221,7 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     # Whether an existing OUTPUT/work dir may be reused is decided by the resume logic; clashes are refused here.
     check_paths(
         {"--output": output, "--work-dir": job.work_dir or default_work_dir(output)}, {"INPUT": input},
-        overwrite=True,
+        overwrite=True, may_exist=("--work-dir",),
     )
     summary = score_to_file(input, output, config, job, overwrite=overwrite)
     if rank != 0:

@@ -83,6 +83,16 @@ class ScoreConfig:
             raise BadFlagError(
                 "`--prompt-column`, `--chosen-column` and `--rejected-column` must name three different columns"
             )
+        if self.id_column is not None:
+            # Lazily: scoring imports this module. The names come from the score file's schema and the measure registry.
+            from .scoring import own_columns
+
+            if self.id_column in own_columns():
+                raise BadFlagError(
+                    f"`--id-column` {self.id_column!r} is a column the score file writes itself "
+                    f"({', '.join(own_columns())}); copy or rename that input column (e.g. to `{self.id_column}_id`) "
+                    "and pass the new name"
+                )
         if self.device_map is not None and self.device not in ("auto",):
             raise BadFlagError("`--device-map` places the model itself; leave `--device` at auto when using it")
 

@@ -370,6 +370,13 @@ def measure_displacement(
     for name in watch:
         if not name.isidentifier() or f"dlogp_{name}" in DISPLACEMENT_COLUMNS:
             raise BadFlagError(f"watch name {name!r} must be an identifier other than chosen/rejected")
+    # ScoreConfig refuses the score file's own names; the result table has more of its own.
+    own = ("row_index", *DISPLACEMENT_COLUMNS, *(f"dlogp_{name}" for name in watch))
+    if score_config.id_column in own:
+        raise BadFlagError(
+            f"`--id-column` {score_config.id_column!r} is a column displacement writes itself ({', '.join(own)}); "
+            f"copy or rename that input column (e.g. to `{score_config.id_column}_id`) and pass the new name"
+        )
     ds, layout, columns = load_input(data, score_config)
     if model is None:
         model = load_model(

@@ -27,6 +27,7 @@ ROW_STATUSES = (
     "invalid_prompt",
     "invalid_chosen",
     "invalid_rejected",
+    "non_text_content",
     "prompt_mismatch",
     "missing_assistant_turn",
     "empty_prompt",
@@ -77,6 +78,14 @@ class Pair:
 
 class _Invalid(Exception):
     """Internal signal that a value has the wrong shape."""
+
+
+class _NonText(Exception):
+    """Internal signal that a well-formed value holds content parts that are not text (images, audio, ...).
+
+    Raised only once the whole value was checked, so a malformed value is
+    ``invalid_*`` first (the order of :data:`ROW_STATUSES`).
+    """
 
 
 def is_conversational(value: Any) -> bool:
@@ -133,34 +142,56 @@ def _hh_markers(text: Any) -> list[tuple[str, int, int]]:
 
 
 def _content_text(content: Any) -> str:
-    """Return message content as a str, joining text parts of a part list."""
+    """Return message content as a str, joining the text parts of a part list.
+
+    Raises:
+        _Invalid: the content is neither a str nor a list of parts.
+        _NonText: a part is not text (an image, audio, ...): a text model would
+            score the pair on part of what the annotator saw, so it is not scored.
+    """
     if isinstance(content, str):
         return content
     if isinstance(content, (list, tuple)):
         pieces = []
+        other = False
         for part in content:
             if not isinstance(part, Mapping):
                 raise _Invalid
             if part.get("type") != "text":
-                continue  # images, audio, ...: nothing a text model can score
+                other = True
+                continue
             text = part.get("text")
             if not isinstance(text, str):
                 raise _Invalid
             pieces.append(text)
+        if other:
+            raise _NonText
         return "".join(pieces)
     raise _Invalid
 
 
 def _messages(value: Any) -> tuple[dict, ...]:
-    """Validate a message list and return it as fresh ``{role, content}`` dicts."""
+    """Validate a message list and return it as fresh ``{role, content}`` dicts.
+
+    Raises:
+        _Invalid: the list or a message is malformed.
+        _NonText: every message is well formed but one holds a part that is not text.
+    """
     if not is_conversational(value):
         raise _Invalid
     out = []
+    other = False
     for message in value:
         role = message["role"]
         if not isinstance(role, str) or role not in ROLES:
             raise _Invalid
-        out.append({"role": role, "content": _content_text(message["content"])})
+        try:
+            content = _content_text(message["content"])
+        except _NonText:
+            other, content = True, ""
+        out.append({"role": role, "content": content})
+    if other:
+        raise _NonText
     return tuple(out)
 
 
@@ -213,36 +244,52 @@ def _explicit_response(value: Any) -> str:
     """A response given as a str or as a list holding one assistant message."""
     if isinstance(value, str):
         return value
-    messages = _messages(value)
-    if len(messages) != 1 or messages[0]["role"] != "assistant":
+    try:
+        messages = _messages(value)
+    except _NonText:
+        messages = None  # the list was checked all the same: `value` is well-formed messages
+    if len(value) != 1 or value[0]["role"] != "assistant":
         raise _Invalid
+    if messages is None:
+        raise _NonText
     return messages[0]["content"]
 
 
-def _explicit_conversational(prompt: Any, chosen: Any, rejected: Any) -> Pair:
-    try:
-        if isinstance(prompt, str):
-            prompt_messages = ({"role": "user", "content": prompt},)
-        else:
-            prompt_messages = _messages(prompt)
-    except _Invalid:
-        return Pair("invalid_prompt")
-    responses = []
-    for status, value in (("invalid_chosen", chosen), ("invalid_rejected", rejected)):
+def _sides(checks: list[tuple[str, Callable[[Any], Any], Any]]) -> list[Any] | str:
+    """Each ``parse(value)``, or the status of the first side that is invalid, else ``non_text_content``."""
+    parsed: list[Any] = []
+    non_text = False
+    for status, parse, value in checks:
         try:
-            responses.append(_explicit_response(value))
+            parsed.append(parse(value))
         except _Invalid:
-            return Pair(status)
-    return _finish(prompt_messages, *responses)
+            return status
+        except _NonText:
+            non_text = True
+            parsed.append(None)
+    return "non_text_content" if non_text else parsed
+
+
+def _prompt_messages(prompt: Any) -> tuple[dict, ...]:
+    """A prompt given as a str (one user message) or as messages."""
+    return ({"role": "user", "content": prompt},) if isinstance(prompt, str) else _messages(prompt)
+
+
+def _explicit_conversational(prompt: Any, chosen: Any, rejected: Any) -> Pair:
+    sides = _sides([
+        ("invalid_prompt", _prompt_messages, prompt),
+        ("invalid_chosen", _explicit_response, chosen),
+        ("invalid_rejected", _explicit_response, rejected),
+    ])
+    if isinstance(sides, str):
+        return Pair(sides)
+    return _finish(*sides)
 
 
 def _implicit_conversational(chosen: Any, rejected: Any) -> Pair:
-    sides = []
-    for status, value in (("invalid_chosen", chosen), ("invalid_rejected", rejected)):
-        try:
-            sides.append(_messages(value))
-        except _Invalid:
-            return Pair(status)
+    sides = _sides([("invalid_chosen", _messages, chosen), ("invalid_rejected", _messages, rejected)])
+    if isinstance(sides, str):
+        return Pair(sides)
     chosen_msgs, rejected_msgs = sides
     # _messages returned plain {role, content} dicts, so == compares exactly those.
     if chosen_msgs[:-1] != rejected_msgs[:-1]:

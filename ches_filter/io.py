@@ -27,8 +27,8 @@ import re
 import shutil
 import socket
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import BadDataError, BadFlagError, ChesFilterError
 
@@ -130,6 +130,10 @@ def _open(source: str, *, split: str | None, subset: str | None) -> "Records | d
     elif os.path.exists(source):
         _reject_split_subset(source, split, subset)
         ds = _read_files(source, [source], _file_kind(source))
+    elif os.path.lexists(source):  # a link to nothing: the name is taken, so it is no glob either
+        raise BadDataError(
+            f"{source} is a symbolic link to {os.readlink(source)}, which does not exist; fix the link or pass the file."
+        )
     elif _GLOB_CHARS & set(source):
         _reject_split_subset(source, split, subset)
         ds = _read_glob(source)
@@ -141,6 +145,38 @@ def _open(source: str, *, split: str | None, subset: str | None) -> "Records | d
             f"({_INPUT_HELP})."
         )
     return ds
+
+
+def shown_path(path: str) -> str:
+    """``path`` as text that can be printed and stored: a byte that is not UTF-8 as ``\\xff``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def check_name(path: str, what: str = "") -> None:
+    """Refuses a path that is not valid UTF-8 (``bad\\xff.jsonl``, or any name in a directory whose name is such).
+
+    Python holds such a byte as a lone surrogate: the file can be opened, but
+    its name cannot be written into JSON or Parquet metadata, and pyarrow cannot
+    open it. Refused up front, before anything is written. The absolute path is
+    checked: work files are written under it.
+
+    Raises:
+        BadFlagError: naming the path with the byte shown as ``\\xNN``.
+    """
+    path = os.fsdecode(path)
+    full = os.path.abspath(path)
+    try:
+        full.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            path.encode("utf-8")
+            where = f"{path} lies in a directory whose name ({shown_path(os.path.dirname(full))}) is"
+        except UnicodeEncodeError:
+            where = f"{shown_path(path)} has a name that is"
+        raise BadFlagError(
+            f"{what + ' ' if what else ''}{where} not valid UTF-8; ches-filter records file names in its outputs' "
+            "metadata and pyarrow opens only UTF-8 paths, so rename it (or link it under a UTF-8 name) and pass that name."
+        ) from None
 
 
 def _reject_split_subset(source: str, split: str | None, subset: str | None) -> None:
@@ -183,6 +219,7 @@ def _read_glob(pattern: str) -> "datasets.Dataset":
             f"{pattern} matches no files; check the pattern (quote it so the shell "
             "does not expand it) or pass a file or directory instead."
         )
+    logger.info("%s matched %d file%s", pattern, len(files), "" if len(files) == 1 else "s")
     kinds = {_file_kind(f) for f in files}
     if len(kinds) > 1:
         raise BadDataError(
@@ -318,6 +355,8 @@ def _read_files(label: str, files: list[str], kind: str) -> "Records":
     """Opens local files of one kind, parsing only the columns :func:`open_records` wants."""
     from .records import read_files
 
+    for path in files:
+        check_name(path, "the input file")  # a file found in a directory or by a glob
     if kind == "parquet":
         # A zero-row file adds nothing; leave it out up front.
         files = [path for path in files if _parquet_row_count(path) > 0]
@@ -430,12 +469,67 @@ def _flag(name: str | None) -> str:
     return f"`{name}` " if name else ""
 
 
+#: The files of one ``save_to_disk`` dataset: all that :func:`write_dataset` leaves in a directory.
+_SAVED_FILE = re.compile(r"^(data-\d{5}-of-\d{5}\.arrow|dataset_info\.json|state\.json)$")
+
+
+def foreign_files(path: str, ours: Callable[[str], bool], prefix: str = "") -> list[str]:
+    """Entries of the directory ``path`` other than regular files whose name ``ours`` accepts (a directory with a slash)."""
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            foreign.append(prefix + name + "/")
+        elif os.path.islink(full) or not ours(name):
+            foreign.append(prefix + name)
+    return foreign
+
+
+def foreign_to_dataset(path: str) -> list[str]:
+    """What the directory ``path`` holds besides a dataset :func:`write_dataset` saved there.
+
+    A dataset's ``data-NNNNN-of-NNNNN.arrow``, ``dataset_info.json`` and
+    ``state.json``; a DatasetDict's ``dataset_dict.json`` and one such
+    directory per split. Anything else (hidden files, links and the user's
+    notes too) is listed, as paths relative to ``path``.
+    """
+    if not os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return foreign_files(path, _SAVED_FILE.match)
+    foreign = []
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            foreign += foreign_files(full, _SAVED_FILE.match, name + "/")
+        elif name != "dataset_dict.json" or os.path.islink(full):
+            foreign.append(name)
+    return foreign
+
+
+def _check_replaceable(name: str | None, path: str, foreign_of: Callable[[str], list[str]]) -> None:
+    """Refuses to replace the directory ``path`` when it holds anything ches-filter did not write there."""
+    try:
+        foreign = foreign_of(path)
+    except OSError as exc:
+        raise BadFlagError(
+            f"{_flag(name)}{path} is a directory that cannot be listed ({_reason(exc)}); ches-filter replaces a "
+            f"directory only when it holds nothing but its own output: choose another {_flag(name).strip() or 'output'}."
+        ) from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise BadFlagError(
+            f"{_flag(name)}{path} is a directory that holds files ches-filter did not write ({shown}); `--overwrite` "
+            f"would delete them, so it replaces only what ches-filter wrote there: move them out or choose another "
+            f"{_flag(name).strip() or 'output'}."
+        )
+
+
 def check_paths(
     outputs: Any,
     inputs: Any = (),
     *,
     overwrite: bool,
     may_exist: Iterable[str] = (),
+    foreign: Mapping[str, Callable[[str], list[str]]] | None = None,
 ) -> None:
     """Refuses, before anything is written, outputs that clash with each other or with an input.
 
@@ -457,6 +551,11 @@ def check_paths(
         overwrite: Whether existing outputs may be replaced.
         may_exist: Output flags whose existing path is expected (a work
             directory to resume); they skip the "exists" check.
+        foreign: ``{flag: function}`` listing what an existing directory at
+            that output holds besides this command's own output (default
+            :func:`foreign_to_dataset`). An output replaced with ``overwrite``
+            that is such a directory (not a link to one) must hold nothing
+            else: the user's files in it are never deleted.
 
     Raises:
         BadFlagError: naming both flags of a clash, or the flag of an output
@@ -466,6 +565,8 @@ def check_paths(
     for name, path in outs:
         if not os.fspath(path):
             raise BadFlagError(f"{_flag(name) or 'the output '}is an empty path; give the path to write.")
+    for name, path in outs + _named(inputs):
+        check_name(path, _flag(name).strip())
     ins = [(name, local) for name, source in _named(inputs) for local in _local_paths(source)]
     may_exist = set(may_exist)
     check_not_matched(outs, inputs)
@@ -509,6 +610,11 @@ def check_paths(
     for name, path in outs:
         if name not in may_exist and os.path.lexists(path) and not overwrite:
             raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
+        # What is replaced is the path as atomic_paths spells it: `dir/`, `./dir` and `d/../dir` are the directory,
+        # a symbolic link is itself (what it points at stays).
+        target = os.path.abspath(path)
+        if name not in may_exist and os.path.isdir(target) and not os.path.islink(target):
+            _check_replaceable(name, path, (foreign or {}).get(name, foreign_to_dataset))
         parent = os.path.dirname(os.path.abspath(path))
         # As spelled too: `missing/../out` normalises to an existing parent, but
         # creating it (os.makedirs) would first create `missing/`.

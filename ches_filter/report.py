@@ -664,6 +664,17 @@ def validate_section(validate_dir: str) -> str:
     return "\n".join(parts)
 
 
+#: Every file a report directory holds (:func:`build_report`); ``--overwrite`` replaces only such a directory.
+REPORT_FILES = ("summary.json", "histogram.png", "length.png", "report.html")
+
+
+def _foreign_to_report(path: str) -> list[str]:
+    """What the directory ``path`` holds besides a report's own files."""
+    from .io import foreign_files
+
+    return foreign_files(path, REPORT_FILES.__contains__)
+
+
 def build_report(scores: Any, output_dir: str, config: ReportConfig | None = None, *, data: Any = None,
                  overwrite: bool = False, validate: str | None = None) -> dict:
     """Write ``summary.json``, ``histogram.png``, ``length.png`` and ``report.html`` into ``output_dir``.
@@ -687,7 +698,7 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     if validate is not None and os.path.lexists(validate):
         # A directory, never a pattern: only an existing one can be replaced or deleted with the report's directory.
         inputs["--validate"] = os.fspath(validate)
-    check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite)
+    check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite, foreign={"--output": _foreign_to_report})
     # Read before the scores are: a directory that is not validate's is refused before minutes of plotting.
     section = validate_section(validate) if validate is not None else None
     loaded = _load_scores(scores)
@@ -699,6 +710,8 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     page = render_html(loaded, summary, images, excerpts)
     if section is not None:
         page = page.replace("</body></html>", section + "\n</body></html>")
+    # Again, now that the plots are drawn: a file the user put there meanwhile is not deleted either.
+    check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite, foreign={"--output": _foreign_to_report})
     with atomic_path(str(output_dir)) as tmp:
         os.makedirs(tmp)
         with open(os.path.join(tmp, "summary.json"), "w", encoding="utf-8") as handle:

@@ -38,6 +38,7 @@ __all__ = [
     "PairScorer",
     "SCORE_STATUSES",
     "TAIL_COLUMNS",
+    "own_columns",
     "input_fingerprint",
     "load_input",
     "load_records",
@@ -51,6 +52,21 @@ SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_templa
 #: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
 #: every measure column is float64.
 TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
+#: The column before the id column and the measures.
+HEAD_COLUMNS = {"row_index": "int64"}
+#: The column ``--on-special-tokens flag`` adds at the end.
+FLAG_COLUMNS = {"special_tokens": "bool_"}
+
+
+def own_columns() -> tuple[str, ...]:
+    """Every column a score file may hold besides ``--id-column`` (which must be none of them).
+
+    Read from the schema's parts and the measure registry, so a new measure or
+    tail column is reserved without a second list.
+    """
+    from .measures import MEASURES
+
+    return (*HEAD_COLUMNS, *MEASURES.names(), *TAIL_COLUMNS, *FLAG_COLUMNS)
 _SAMPLE_ROWS = 100
 
 
@@ -308,7 +324,7 @@ class PairScorer:
     def _schema(self) -> Any:
         import pyarrow as pa
 
-        fields = [pa.field("row_index", pa.int64())]
+        fields = [pa.field(name, getattr(pa, kind)()) for name, kind in HEAD_COLUMNS.items()]
         if self.columns.id:
             # The dataset's own Arrow type, so every part of a sharded run agrees
             # even when one part holds only nulls.
@@ -317,7 +333,7 @@ class PairScorer:
         fields += [pa.field(name, pa.float64()) for name in self.config.measure_list]
         fields += [pa.field(name, getattr(pa, kind)()) for name, kind in TAIL_COLUMNS.items()]
         if self.config.on_special_tokens == "flag":
-            fields.append(pa.field("special_tokens", pa.bool_()))
+            fields += [pa.field(name, getattr(pa, kind)()) for name, kind in FLAG_COLUMNS.items()]
         return pa.schema(fields)
 
     def metadata(self, *, data: Any, fingerprint: str, counts: dict[str, int]) -> dict:

@@ -516,35 +516,53 @@ def plot(summary: dict) -> bytes | None:
 OUTPUT_FILES = ("validate.parquet", "summary.json", "validate.png")
 
 
-def _unfinished(output_dir: str) -> bool:
-    """OUT_DIR holds nothing but an unfinished run's work (or nothing): the same command resumes it.
+def _entry_kind(output_dir: str, name: str) -> bool | None:
+    """Whether the entry ``name`` of OUT_DIR is what validate leaves there.
 
-    Each entry must be what validate itself leaves there: ``scores.parquet`` a
-    file, ``scores.parquet.parts`` a work directory (only a manifest, its own
-    subdirectories and hidden temporaries), ``locks`` a directory of lock files.
-    Anything else (a user's directory named ``scores.parquet``, say) needs ``--overwrite``.
+    True: validate's own (a file ``scores.parquet`` or output file, a work
+    directory ``scores.parquet.parts`` of only a manifest, its own
+    subdirectories and hidden temporaries, ``locks`` of lock files, a hidden
+    temporary); False: it bears a name validate writes to but is something
+    else (a user's directory named ``scores.parquet``, say), which a rerun
+    would replace or delete; None: any other name, which validate never touches.
     """
     from .run.workdir import WorkDir
 
+    path = os.path.join(output_dir, name)
+    if name.startswith("."):  # temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's
+        return True
+    if name == "scores.parquet" or name in OUTPUT_FILES:
+        return os.path.isfile(path)
+    if name == "locks":
+        return os.path.isdir(path) and all(n.endswith(".lock") for n in os.listdir(path))
+    if name == "scores.parquet.parts":
+        work = WorkDir(path)
+        allowed = {os.path.basename(p) for p in (work.manifest_path, work.parts_dir, work.stats_dir,
+                                                  work.completions_dir, work.locks_dir)}
+        return os.path.isdir(path) and all(n in allowed or n.startswith(".") for n in os.listdir(path))
+    return None
+
+
+def _unfinished(output_dir: str) -> bool:
+    """OUT_DIR holds nothing but an unfinished run's work (or nothing): the same command resumes it.
+
+    Each entry must be validate's own (:func:`_entry_kind`) and none of a
+    finished run's outputs. Anything else (a user's directory named
+    ``scores.parquet``, say) needs ``--overwrite``.
+    """
     if not os.path.isdir(output_dir):
         return False
+    return all(name not in OUTPUT_FILES and _entry_kind(output_dir, name) for name in os.listdir(output_dir))
 
-    def ours(name: str) -> bool:
-        path = os.path.join(output_dir, name)
-        if name.startswith("."):  # temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's
-            return True
-        if name == "scores.parquet":
-            return os.path.isfile(path)
-        if name == "locks":
-            return os.path.isdir(path) and all(n.endswith(".lock") for n in os.listdir(path))
-        if name == "scores.parquet.parts":
-            work = WorkDir(path)
-            allowed = {os.path.basename(p) for p in (work.manifest_path, work.parts_dir, work.stats_dir,
-                                                      work.completions_dir, work.locks_dir)}
-            return os.path.isdir(path) and all(n in allowed or n.startswith(".") for n in os.listdir(path))
-        return False
 
-    return all(ours(name) for name in os.listdir(output_dir))
+def _foreign_to_validate(output_dir: str) -> list[str]:
+    """Entries of OUT_DIR that bear a name validate writes to but are not validate's: ``--overwrite`` would destroy them.
+
+    validate writes into OUT_DIR (it never replaces the directory), so other
+    names are left alone and are not listed.
+    """
+    return sorted(name + ("/" if os.path.isdir(os.path.join(output_dir, name)) else "")
+                  for name in os.listdir(output_dir) if _entry_kind(output_dir, name) is False)
 
 
 def _discard_work(scores_path: str) -> None:
@@ -567,7 +585,8 @@ def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite:
     from .io import check_not_matched, check_paths
 
     resume = not overwrite and _unfinished(output_dir)
-    check_paths({"--output": output_dir}, inputs, overwrite=overwrite, may_exist={"--output"} if resume else ())
+    check_paths({"--output": output_dir}, inputs, overwrite=overwrite, may_exist={"--output"} if resume else (),
+                foreign={"--output": _foreign_to_validate})
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise BadFlagError(f"`--output` {output_dir} exists and is not a directory; validate writes a directory")
     # The files inside OUT_DIR too: an input pattern must not match what this run writes there.

@@ -151,12 +151,8 @@ def test_explicit_conversational_statuses(row, status):
 # --- content part lists ----------------------------------------------------
 
 
-def test_part_lists_join_text_and_skip_other_parts():
-    parts = [
-        {"type": "text", "text": "look "},
-        {"type": "image", "image": "..."},
-        {"type": "text", "text": "here"},
-    ]
+def test_part_lists_join_text_parts():
+    parts = [{"type": "text", "text": "look "}, {"type": "text", "text": "here"}]
     pair = norm(
         "explicit_conversational",
         prompt=[{"role": "user", "content": parts}],
@@ -166,6 +162,50 @@ def test_part_lists_join_text_and_skip_other_parts():
     assert pair.status == "ok"
     assert pair.prompt_messages == (user("look here"),)
     assert pair.chosen == "ok"
+
+
+IMAGE = {"type": "image", "image": "http://x/cat.png"}
+# As datasets loads parts from JSON: one Arrow struct for every part, so each part carries every key.
+ARROW_TEXT = {"type": "text", "text": "look", "image": None}
+ARROW_IMAGE = {"type": "image", "text": None, "image": "cat.png"}
+
+
+@pytest.mark.parametrize(
+    "layout,row",
+    [
+        # An image beside a text part, in the prompt, the chosen or the rejected response.
+        ("explicit_conversational", {"prompt": [{"role": "user", "content": [{"type": "text", "text": "look "}, IMAGE]}],
+                                     "chosen": "a cat", "rejected": "a dog"}),
+        ("explicit_conversational", {"prompt": [{"role": "user", "content": [ARROW_TEXT, ARROW_IMAGE]}],
+                                     "chosen": "a cat", "rejected": "a dog"}),
+        ("explicit_conversational", {"prompt": [user("q")], "chosen": "a",
+                                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "b"}, IMAGE]}]}),
+        ("explicit_conversational", {"prompt": [{"role": "user", "content": [IMAGE]}], "chosen": "a", "rejected": "b"}),
+        ("explicit_conversational", {"prompt": [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "q"}]}],
+                                     "chosen": "a", "rejected": "b"}),
+        # A part without a type is not known to be text either.
+        ("explicit_conversational", {"prompt": [{"role": "user", "content": [{"text": "q"}]}], "chosen": "a", "rejected": "b"}),
+        ("implicit_conversational", {"chosen": [{"role": "user", "content": [{"type": "text", "text": "q"}, IMAGE]}, asst("a")],
+                                     "rejected": [{"role": "user", "content": [{"type": "text", "text": "q"}, IMAGE]}, asst("b")]}),
+        ("implicit_conversational", {"chosen": [user("q"), {"role": "assistant", "content": [IMAGE]}],
+                                     "rejected": [user("q"), asst("b")]}),
+    ],
+)
+def test_content_that_is_not_text_has_its_own_status(layout, row):
+    # Scoring the text alone would rank a pair on part of what the annotator saw.
+    assert normalize_row(row, layout, COLS).status == "non_text_content"
+
+
+def test_malformed_side_wins_over_non_text_content():
+    # ROW_STATUSES order: a side of the wrong shape is invalid_* even when an earlier side holds an image.
+    image_prompt = [{"role": "user", "content": [{"type": "text", "text": "q"}, IMAGE]}]
+    assert norm("explicit_conversational", prompt=image_prompt, chosen=5, rejected="b").status == "invalid_chosen"
+    assert norm("explicit_conversational", prompt=image_prompt, chosen="a",
+                rejected=[{"role": "assistant", "content": [None]}]).status == "invalid_rejected"
+    # An image in a response that is not one assistant message is still invalid.
+    assert norm("explicit_conversational", prompt="q", chosen="a",
+                rejected=[user("x"), {"role": "assistant", "content": [IMAGE]}]).status == "invalid_rejected"
+    assert ROW_STATUSES.index("non_text_content") > ROW_STATUSES.index("invalid_rejected")
 
 
 @pytest.mark.parametrize(
@@ -186,16 +226,6 @@ def test_bad_part_lists_are_invalid(content):
         rejected="b",
     )
     assert pair.status == "invalid_prompt"
-
-
-def test_image_only_prompt_is_empty():
-    pair = norm(
-        "explicit_conversational",
-        prompt=[{"role": "user", "content": [{"type": "image"}]}],
-        chosen="a",
-        rejected="b",
-    )
-    assert pair.status == "empty_prompt"
 
 
 # --- implicit_conversational -----------------------------------------------
@@ -350,7 +380,8 @@ def test_is_conversational():
 
 def test_row_statuses_lists_every_status():
     assert ROW_STATUSES[0] == "ok"
-    assert len(set(ROW_STATUSES)) == 9
+    assert len(set(ROW_STATUSES)) == len(ROW_STATUSES) == 10
+    assert "non_text_content" in ROW_STATUSES
 
 
 # --- detect_layout ---------------------------------------------------------

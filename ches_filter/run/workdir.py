@@ -204,7 +204,7 @@ class WorkDir:
     def completed_shards(self) -> dict[int, set[int]]:
         """Shard indices with a completion marker, by shard count."""
         done: dict[int, set[int]] = {}
-        for path in glob.glob(os.path.join(self.completions_dir, "shard-*-of-*.json")):
+        for path in glob.glob(os.path.join(glob.escape(self.completions_dir), "shard-*-of-*.json")):  # `d[1].parts` is a name
             match = re.search(r"shard-(\d+)-of-(\d+)\.json$", path)
             if match:
                 done.setdefault(int(match.group(2)), set()).add(int(match.group(1)))
