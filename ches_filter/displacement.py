@@ -93,7 +93,11 @@ class PairProbe:
         self.lm = lm
         self.base = lm.base_model
         self.device = torch.device(device)
-        lm.eval()  # no dropout: the gradient must be that of the deterministic model
+        from .model import ModelState
+
+        # No dropout: the gradient must be that of the deterministic model. `self.state.restore()` gives the
+        # model back as it came (train/eval flags, dropout rates, requires_grad).
+        self.state = ModelState(lm, eval=True)
         self.params = [p for p in lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
@@ -398,18 +402,21 @@ def measure_displacement(
     probe = PairProbe(model.decoder, model.device)
     show = (not score_config.quiet) if progress is None else progress
     records = []
-    for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
-        record = {"row_index": index}
-        record.update(probe.first_order(enc.prompt, enc.chosen, enc.rejected))
-        if config.steps:
-            record.update(probe.dpo_steps(
-                enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
-                ref_logps=(record["logp_chosen"], record["logp_rejected"]), watch=_watched(encoder, pair, enc, watch),
-            ))
-            for name in watch:
-                record.setdefault(f"dlogp_{name}", None)
-        record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))
-        records.append(record)
+    try:
+        for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
+            record = {"row_index": index}
+            record.update(probe.first_order(enc.prompt, enc.chosen, enc.rejected))
+            if config.steps:
+                record.update(probe.dpo_steps(
+                    enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
+                    ref_logps=(record["logp_chosen"], record["logp_rejected"]), watch=_watched(encoder, pair, enc, watch),
+                ))
+                for name in watch:
+                    record.setdefault(f"dlogp_{name}", None)
+            record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))
+            records.append(record)
+    finally:
+        probe.state.restore()
     step_columns = ("dlogp_chosen", "dlogp_rejected", "step_rounding_error")
     names = ["row_index"] + [c for c in DISPLACEMENT_COLUMNS if config.steps or c not in step_columns]
     if config.steps:

@@ -651,3 +651,80 @@ def as_loaded_model(model: Any, tokenizer: Any = None, **load_kwargs: Any) -> Lo
         "commit_hash": getattr(config, "_commit_hash", None),
     }
     return LoadedModel(decoder=model, tokenizer=tokenizer, device=first.device, dtype=first.dtype, info=info)
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
+
+
+class ModelState:
+    """Dropout off for every pass over a model, then the model given back as it came.
+
+    Dropout is switched off the way TRL's ``disable_dropout_in_model`` does it
+    (its probability set to 0, so it stays off in training mode, which
+    transformers' gradient checkpointing needs), and wider: every
+    ``torch.nn.Dropout``-like module, and the float dropout rates that
+    attention functions and layers read at call time (``attention_dropout``,
+    ``layerdrop``, ... on modules and on the model's configs). :meth:`restore`
+    puts back each rate, each module's train/eval flag, each parameter's
+    ``requires_grad`` and gradient checkpointing as they were when the state
+    was taken: a model handed over by a training script goes back unchanged.
+
+    Use as a context manager (``with ModelState(lm, eval=True): ...``) or call
+    :meth:`restore` yourself.
+    """
+
+    def __init__(self, model: Any, *, eval: bool = False) -> None:
+        import torch
+
+        self.model = model
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.checkpointing = [(m, m.gradient_checkpointing) for m in model.modules()
+                              if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self.rates: list[tuple[Any, str, float]] = []
+        configs = []
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                self._zero(module, "p", module.p)
+            for name, value in list(vars(module).items()):
+                if type(value) is float and _is_dropout_name(name):
+                    self._zero(module, name, value)
+            config = getattr(module, "config", None)
+            if config is not None and not isinstance(config, torch.nn.Module) and all(config is not c for c in configs):
+                configs.append(config)
+        for config in configs:
+            for sub in [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type"))]:
+                for name, value in list(vars(sub).items()):
+                    if type(value) is float and _is_dropout_name(name):
+                        self._zero(sub, name, value)
+        if eval:
+            model.eval()
+
+    def _zero(self, owner: Any, name: str, value: float) -> None:
+        if value != 0.0:
+            self.rates.append((owner, name, value))
+            setattr(owner, name, 0.0)
+
+    @property
+    def dropout_rates(self) -> int:
+        """How many non-zero dropout rates were switched off."""
+        return len(self.rates)
+
+    def restore(self) -> None:
+        """The rates, train/eval flags, ``requires_grad`` and checkpointing flags as they were taken."""
+        for owner, name, value in self.rates:
+            setattr(owner, name, value)
+        for module, mode in self.modes:
+            module.training = mode
+        for param, wanted in self.grads:
+            param.requires_grad_(wanted)
+        for module, flag in self.checkpointing:
+            module.gradient_checkpointing = flag
+        self.rates = []
+
+    def __enter__(self) -> "ModelState":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()

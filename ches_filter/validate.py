@@ -211,11 +211,16 @@ class _Trainer:
 
         from .engine import default_workers
         from .logprobs import _head_is_exact, packed_is_exact
-        from .model import resolve_dtype
+        from .model import ModelState, resolve_dtype
 
         self.lm = loaded.decoder
         self.device = loaded.device
         self.config = config
+        # Dropout off in every pass (reference, training, after training, self-checks), in training mode too
+        # (gradient checkpointing); `self.state.restore()` gives the model back as it came.
+        self.state = ModelState(self.lm, eval=not config.gradient_checkpointing)
+        if self.state.dropout_rates:
+            logger.info("dropout switched off for validate (%d rates set to 0; restored afterwards)", self.state.dropout_rates)
         wanted = resolve_dtype(score_config.dtype, self.device)
         # Master weights stay float32; a lower dtype is used through autocast only.
         self.autocast = None if wanted == torch.float32 else wanted
@@ -228,9 +233,7 @@ class _Trainer:
                 self.lm.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.lm.train()  # transformers checkpoints only in training mode
-        else:
-            self.lm.eval()
+            self.lm.train()  # transformers checkpoints only in training mode (dropout stays at 0)
         self.packed = score_config.engine != "plain" and packed_is_exact(self.lm, self.device)
         if score_config.engine in ("packed", "prefix") and not self.packed:
             logger.warning("the packed log-prob path is not exact for this model; using the plain one")
@@ -827,11 +830,9 @@ def _run_locked(
             bar.close()
     finally:
         trainer.restore()
-        for p in trainer.params:
-            p.requires_grad_(False)
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing and not any(flag for _, flag in trainer.state.checkpointing):
             (getattr(model.decoder, "activation_checkpointing_disable", None) or model.decoder.gradient_checkpointing_disable)()
-        model.decoder.eval()
+        trainer.state.restore()  # dropout rates, train/eval flags and requires_grad as the model came
 
     records = []
     for (measure, name, seed), job in jobs.items():
