@@ -105,6 +105,43 @@ class PairProbe:
 
         #: log-probs from one tree-masked row per pair where the scoring engine's self-check says it is exact.
         self.packed = packed_is_exact(lm, self.device)
+        from .logprobs import HEAD_CHUNK_ELEMENTS
+
+        #: logits per LM-head chunk (halved by :meth:`shrink_head` after an out-of-memory error).
+        self.head_elements = HEAD_CHUNK_ELEMENTS
+
+    def shrink_head(self) -> bool:
+        """Halve the LM-head chunk while it holds more than one position (the back-off of one pair's passes)."""
+        from .logprobs import _vocab
+
+        if self.head_elements // 2 < _vocab(self.lm):
+            return False
+        self.head_elements //= 2
+        said = getattr(self, "_said_head", False)
+        self._said_head = True
+        (logger.info if said else logger.warning)(
+            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
+        return True
+
+    def retry_on_oom(self, fn: Any, tokens: int) -> Any:
+        """``fn()``, redone after an out-of-memory error with a smaller LM-head chunk (the engine's back-off).
+
+        Each probe is one pair, so there is no batch to halve: the pair's
+        passes are redone from the start (a real step restores the weights
+        first), with :meth:`shrink_head`, until they fit or nothing is left to
+        shrink (a one-line error naming the pair's size).
+        """
+        from .engine import TokenBudget, is_oom
+
+        budget = TokenBudget(tokens, self.device)
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(exc):
+                    raise
+                exc.__traceback__ = None
+                budget.after_oom(exc, 1, tokens, self.shrink_head)
 
     # ---------------------------------------------------------------- forward
     def side(self, prompt: Sequence[int], response: Sequence[int], *, grad: bool) -> SideOutput:
@@ -123,7 +160,8 @@ class PairProbe:
     def _logprobs(self, pairs: Sequence[Any], *, grad: bool, hidden: bool = False) -> Any:
         from .logprobs import pair_logprobs
 
-        return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device)
+        return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device,
+                             head_elements=self.head_elements)
 
     def _grad(self, scalar: Any) -> tuple:
         import torch
@@ -405,12 +443,15 @@ def measure_displacement(
     try:
         for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
             record = {"row_index": index}
-            record.update(probe.first_order(enc.prompt, enc.chosen, enc.rejected))
+            tokens = len(enc.prompt) + len(enc.chosen) + len(enc.rejected)
+            record.update(probe.retry_on_oom(lambda: probe.first_order(enc.prompt, enc.chosen, enc.rejected), tokens))
             if config.steps:
-                record.update(probe.dpo_steps(
+                watched = _watched(encoder, pair, enc, watch)
+                ref_logps = (record["logp_chosen"], record["logp_rejected"])
+                record.update(probe.retry_on_oom(lambda: probe.dpo_steps(
                     enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
-                    ref_logps=(record["logp_chosen"], record["logp_rejected"]), watch=_watched(encoder, pair, enc, watch),
-                ))
+                    ref_logps=ref_logps, watch=watched,
+                ), tokens))
                 for name in watch:
                     record.setdefault(f"dlogp_{name}", None)
             record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))

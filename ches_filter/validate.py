@@ -241,6 +241,9 @@ class _Trainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = int(pad)
         self.budget = score_config.max_batch_tokens
+        from .logprobs import HEAD_CHUNK_ELEMENTS
+
+        self.head_elements = HEAD_CHUNK_ELEMENTS  # logits per LM-head chunk (logprobs.head_peak_bytes)
         # On CPU, the no-gradient passes run micro-batches side by side on
         # single-threaded workers, as the scoring engine's batches do
         # (`--engine-workers`): 4-16 % faster here. Training steps stay one
@@ -261,7 +264,7 @@ class _Trainer:
 
         return pair_logprobs(
             self.lm, pairs, packed=self.packed, grad=grad, device=self.device, pad_token_id=self.pad,
-            autocast_dtype=self.autocast,
+            autocast_dtype=self.autocast, head_elements=self.head_elements,
         )
 
     def _cost(self, pair: Any) -> int:
@@ -278,16 +281,40 @@ class _Trainer:
 
     def evaluate(self, rows: Sequence[int], encoded: dict[int, Any]) -> dict[int, tuple[float, float]]:
         """``{row: (log π(y+), log π(y-))}`` without gradients, in token-budget batches."""
-        from .engine import ordered_map
-
         out = {}
-        batches = self._micro_batches(rows, encoded)
-        results = ordered_map(lambda batch: self.logprobs([encoded[r] for r in batch], grad=False), batches,
-                              self.workers, self.device)
-        for batch, got in zip(batches, results):
-            for j, r in enumerate(batch):
-                out[r] = (float(got.chosen[j]), float(got.rejected[j]))
+        rows = list(rows)
+
+        def store(batch: list[int], got: Any) -> None:
+            for j, i in enumerate(batch):
+                out[rows[i]] = (float(got.chosen[j]), float(got.rejected[j]))
+
+        # The scoring engine's batches and out-of-memory back-off (halve the budget, lose nothing).
+        budget = self._token_budget()
+        try:
+            budget.run(lambda batch: self.logprobs([encoded[rows[i]] for i in batch], grad=False),
+                       [self._cost(encoded[r]) for r in rows], store, workers=self.workers, shrink=self._shrink_head)
+        finally:
+            self.budget = budget.tokens
         return out
+
+    def _token_budget(self) -> Any:
+        from .engine import TokenBudget
+        from .scoring import default_batch_tokens
+
+        return TokenBudget(self.budget or default_batch_tokens(self.device), self.device)
+
+    def _shrink_head(self) -> bool:
+        """After one pair ran out of memory: halve the LM-head chunk while it holds more than one position."""
+        from .logprobs import _vocab
+
+        if self.head_elements // 2 < _vocab(self.lm):
+            return False
+        self.head_elements //= 2
+        said = getattr(self, "_said_head", False)
+        self._said_head = True
+        (logger.info if said else logger.warning)(
+            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
+        return True
 
     def optimizer(self) -> Any:
         import torch
@@ -304,11 +331,55 @@ class _Trainer:
                 pass
         return cls(self.params, lr=self.config.lr)
 
+    def _accumulate(self, batch: Sequence[int], encoded: dict[int, Any], ref: dict[int, tuple[float, float]]) -> float:
+        """The batch's DPO gradient in the parameters' ``.grad``; returns its loss.
+
+        The batch's mean loss is a weighted sum over length-grouped
+        micro-batches: the same gradient, less padding and memory. A micro-batch
+        that runs out of memory (forward or backward) discards the step's
+        gradients so far, halves the budget (:class:`~ches_filter.engine.TokenBudget`)
+        and redoes the step: nothing is lost or counted twice.
+        """
+        import torch
+
+        while True:
+            self._opt_zero_grad()
+            total = 0.0
+            micro: list[int] = []
+            got = loss = None
+            try:
+                for micro in self._micro_batches(batch, encoded):
+                    got = self.logprobs([encoded[r] for r in micro], grad=True)
+                    dev = got.chosen.device
+                    ref_c = torch.tensor([ref[r][0] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    ref_r = torch.tensor([ref[r][1] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    loss = dpo_loss(got.chosen, got.rejected, ref_c, ref_r, self.config.beta) * (len(micro) / len(batch))
+                    loss.backward()
+                    total += float(loss.detach())
+                    del got, loss
+                return total
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                from .engine import is_oom
+
+                if not is_oom(exc):
+                    raise
+                got = loss = None  # the failed pass's graph goes before the retry
+                exc.__traceback__ = None
+                self._opt_zero_grad()
+                budget = self._token_budget()
+                try:
+                    budget.after_oom(exc, len(micro), sum(self._cost(encoded[r]) for r in micro), self._shrink_head)
+                finally:
+                    self.budget = budget.tokens
+
+    def _opt_zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
     def train(self, members: Sequence[int], seed: int, encoded: dict[int, Any], ref: dict[int, tuple[float, float]],
               on_step: Any = None) -> dict:
         """DPO on ``members`` from the initial weights; returns the losses of the first and last step."""
         import numpy as np
-        import torch
 
         self.restore()
         opt = self.optimizer()
@@ -320,19 +391,7 @@ class _Trainer:
             order = [members[i] for i in rng.permutation(len(members)).tolist()]
             for start in range(0, len(order), bs):
                 batch = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                # The batch's mean loss as a weighted sum over length-grouped
-                # micro-batches: the same gradient, less padding and memory.
-                for micro in self._micro_batches(batch, encoded):
-                    got = self.logprobs([encoded[r] for r in micro], grad=True)
-                    dev = got.chosen.device
-                    ref_c = torch.tensor([ref[r][0] for r in micro], dtype=got.chosen.dtype, device=dev)
-                    ref_r = torch.tensor([ref[r][1] for r in micro], dtype=got.chosen.dtype, device=dev)
-                    loss = dpo_loss(got.chosen, got.rejected, ref_c, ref_r, self.config.beta) * (len(micro) / len(batch))
-                    loss.backward()
-                    total += float(loss.detach())
-                    del got, loss
+                total = self._accumulate(batch, encoded, ref)
                 if not math.isfinite(total):
                     raise ChesFilterError(
                         f"training diverged: the DPO loss is {total} at step {len(losses) + 1} (lr {self.config.lr:g}, "
