@@ -426,6 +426,12 @@ def measure_displacement(
         )
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("displacement needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    from .model import flash_attention_problem
+
+    problem = flash_attention_problem(getattr(model.decoder.config, "_attn_implementation", None), model.device,
+                                      next(model.decoder.parameters()).dtype)
+    if problem:
+        raise BadFlagError(problem)
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout,
         on_special_tokens=score_config.on_special_tokens,

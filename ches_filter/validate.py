@@ -211,7 +211,7 @@ class _Trainer:
 
         from .engine import default_workers
         from .logprobs import _head_is_exact, packed_is_exact
-        from .model import ModelState, resolve_dtype
+        from .model import ModelState, flash_attention_problem, training_autocast
 
         self.lm = loaded.decoder
         self.device = loaded.device
@@ -221,9 +221,14 @@ class _Trainer:
         self.state = ModelState(self.lm, eval=not config.gradient_checkpointing)
         if self.state.dropout_rates:
             logger.info("dropout switched off for validate (%d rates set to 0; restored afterwards)", self.state.dropout_rates)
-        wanted = resolve_dtype(score_config.dtype, self.device)
-        # Master weights stay float32; a lower dtype is used through autocast only.
-        self.autocast = None if wanted == torch.float32 else wanted
+        # Master weights stay float32; bfloat16 is used through autocast only, float16 not at all (training_autocast).
+        self.autocast, note = training_autocast(score_config.dtype, torch.device(self.device))
+        if note:
+            logger.warning("%s", note)
+        problem = flash_attention_problem(getattr(self.lm.config, "_attn_implementation", None), self.device,
+                                          next(self.lm.parameters()).dtype, self.autocast)
+        if problem:
+            raise BadFlagError(problem)
         self.params = [p for p in self.lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
@@ -685,6 +690,32 @@ def _write_file(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+#: Bytes per parameter validate holds on the device while training: float32 weights and gradients (4 + 4) and the
+#: optimizer's state (Adam: two moments, 8; RMSprop: one, 4; SGD: none). docs/validate.md, "Known ceilings".
+TRAIN_BYTES_PER_PARAM = {"adam": 16, "rmsprop": 12, "sgd": 8}
+
+
+def _check_model_up_front(config: ValidateConfig, score_config: ScoreConfig) -> None:
+    """Before scoring: refuse FlashAttention-2 that cannot run, and a model whose training state cannot fit the device.
+
+    Counts the parameters from the model's config alone (no weights read); a
+    GGUF model is checked when it is loaded (its config comes with the conversion).
+    """
+    import torch
+
+    from .model import (check_model_source, check_training_fits, flash_attention_problem, resolve_device,
+                        training_autocast)
+
+    device = resolve_device(score_config.device)
+    autocast, _ = training_autocast(score_config.dtype, device)
+    problem = flash_attention_problem(score_config.attn_implementation, device, torch.float32, autocast)
+    if problem:
+        raise BadFlagError(problem)
+    if score_config.model is not None and check_model_source(score_config.model) is None:
+        kwargs = {"revision": score_config.revision, "trust_remote_code": score_config.trust_remote_code}
+        check_training_fits(score_config.model, kwargs, device, TRAIN_BYTES_PER_PARAM[config.optimizer], True)
+
+
 def run_validate(
     data: Any,
     output_dir: str,
@@ -729,6 +760,8 @@ def run_validate(
     if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
         named.append(("--scores", os.fspath(scores)))  # a previous run's OUT_DIR/scores.parquet may be reused in place
     resume = _check_output_dir(output_dir, named, overwrite)
+    if model is None:
+        _check_model_up_front(config, score_config)
     # One run per OUT_DIR, from before the input is read until the outputs are
     # in place: a second run (even with --overwrite) is refused, naming this one.
     existed = os.path.isdir(output_dir)
@@ -817,14 +850,25 @@ def _run_locked(
         from .model import load_model
 
         t0 = time.perf_counter()
+        from .model import resolve_device, training_autocast
+
+        autocast, _ = training_autocast(score_config.dtype, resolve_device(score_config.device))
         model = load_model(
             score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
             dtype="float32", device=score_config.device, attn_implementation=score_config.attn_implementation,
-            with_lm_head=True,
+            with_lm_head=True, autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
+            train_bytes_per_param=TRAIN_BYTES_PER_PARAM[config.optimizer],
         )
         phases["model_load"] = time.perf_counter() - t0
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("validate needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    from .model import free_memory, training_memory_problem
+
+    params = sum(p.numel() for p in model.decoder.parameters())
+    problem = training_memory_problem(params, TRAIN_BYTES_PER_PARAM[config.optimizer], str(model.device),
+                                      *free_memory(model.device), on_device=True)
+    if problem:
+        raise BadFlagError(problem)
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
     )

@@ -254,3 +254,184 @@ def test_displacement_absorbs_out_of_memory_in_first_order_and_real_steps(embedd
     for name in got.column_names:
         assert got.column(name).to_pylist() == pytest.approx(expected.column(name).to_pylist(), rel=1e-6, abs=1e-9), name
     assert set(_dropout_rates(lm)) == {0.1}
+
+
+# ------------------------------------------------------------------ 3. fp16 policy
+@pytest.mark.parametrize("dtype, device, bf16, autocast, noted", [
+    ("auto", "cuda", True, torch.bfloat16, False),
+    ("auto", "cuda", False, None, True),  # V100/T4: float32 training, said once
+    ("float16", "cuda", True, None, True),
+    ("bfloat16", "cuda", True, torch.bfloat16, False),
+    ("float32", "cuda", True, None, False),
+    ("auto", "cpu", False, None, False),
+    ("bfloat16", "cpu", False, torch.bfloat16, False),
+])
+def test_validate_never_trains_under_float16_autocast(monkeypatch, dtype, device, bf16, autocast, noted):
+    from ches_filter.model import training_autocast
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    got, note = training_autocast(dtype, torch.device(device))
+    assert got == autocast and (note is not None) == noted
+    if noted:
+        assert "float32" in note and "underflow" in note
+
+
+def test_the_trainer_takes_the_policy(monkeypatch, caplog):
+    """On a card without bfloat16, `--dtype auto` trains with no autocast (float32), with one warning."""
+    from ches_filter import model as model_mod
+    from ches_filter.model import LoadedModel
+    from ches_filter.validate import _Trainer
+
+    monkeypatch.setattr(model_mod, "resolve_dtype", lambda dtype, device: torch.float16)
+    lm = tiny_causal_llama()
+    loaded = LoadedModel(decoder=lm, tokenizer=_Tok(), device=torch.device("cpu"), dtype=torch.float32, info={})
+    config = ValidateConfig(by="ches", subsets="top", subset_size=1, eval_size=0, batch_size=1)
+    with caplog.at_level("WARNING", logger="ches_filter"):
+        trainer = _Trainer(loaded, config, ScoreConfig(dtype="auto"))
+    assert trainer.autocast is None and "validate trains in float32 here" in caplog.text
+    trainer.state.restore()
+
+
+class _Tok:
+    pad_token_id = 0
+    eos_token_id = 2
+
+
+# ------------------------------------------------------------------ 5. FlashAttention-2 policy
+@pytest.mark.parametrize("device, weights, autocast, refused", [
+    ("cuda", torch.bfloat16, None, None),
+    ("cuda", torch.float16, None, None),
+    ("cuda", torch.float32, torch.bfloat16, None),  # validate's master weights under autocast
+    ("cuda", torch.float32, None, "computes in float32"),
+    ("cuda:1", torch.float32, None, "computes in float32"),
+    ("cpu", torch.bfloat16, None, "runs on CUDA only"),
+    ("mps", torch.float16, None, "runs on CUDA only"),
+])
+def test_flash_attention_policy(device, weights, autocast, refused):
+    from ches_filter.model import flash_attention_problem
+
+    assert flash_attention_problem("sdpa", device, torch.float32) is None
+    got = flash_attention_problem("flash_attention_2", device, weights, autocast)
+    if refused is None:
+        assert got is None
+    else:
+        assert refused in got and "\n" not in got and "`sdpa`" in got
+
+
+def _one_error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_flash_attention_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir):
+    from click.testing import CliRunner
+
+    from ches_filter.cli import main
+
+    data = str(EXAMPLE_HH)
+    runs = {
+        "score": ["score", data, "-o", str(tmp_path / "s.parquet"), "--model", str(tiny_model_dir), "--device", "cpu",
+                  "--attn-implementation", "flash_attention_2", "-q"],
+        "validate": ["validate", data, "-o", str(tmp_path / "v"), "--model", str(tiny_model_dir), "--device", "cpu",
+                     "--attn-implementation", "flash_attention_2", "--scores", str(GOLDEN), "-q"],
+        "displacement": ["displacement", data, "-o", str(tmp_path / "d.parquet"), "--model", str(tiny_model_dir),
+                         "--device", "cpu", "--attn-implementation", "flash_attention_2", "-q"],
+    }
+    for name, args in runs.items():
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, (name, result.output)
+        assert "flash_attention_2` runs on CUDA only" in _one_error_line(result), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_the_head_check_raises_what_the_model_raises():
+    """The head-exactness check no longer reads an error (out of memory, a kernel refusing a dtype) as "not exact"."""
+    from ches_filter.logprobs import _head_is_exact
+
+    lm = tiny_causal_llama()
+
+    def broken(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    lm.model.layers[0].mlp.forward = broken
+    with pytest.raises(torch.OutOfMemoryError):
+        _head_is_exact(lm, "cpu")
+    assert getattr(lm, "_ches_filter_head_exact", None) is None  # nothing cached from a failed check
+    assert _head_is_exact(tiny_causal_llama(), "cpu") is True
+
+
+# ------------------------------------------------------------------ 4. loading straight to the device
+def test_weights_are_loaded_straight_to_the_device(monkeypatch):
+    from ches_filter.model import from_pretrained_kwargs
+
+    got = from_pretrained_kwargs(torch.bfloat16, torch.device("cuda", 1), "sdpa")
+    assert got == {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": torch.device("cuda", 1)}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert from_pretrained_kwargs(torch.float32, torch.device("cuda"), "sdpa")["device_map"] == {"": torch.device("cuda", 0)}
+    assert from_pretrained_kwargs(torch.float32, torch.device("cpu"), "eager")["device_map"] == {"": torch.device("cpu")}
+    assert from_pretrained_kwargs(torch.float32, torch.device("cpu"), "sdpa", device_map="auto")["device_map"] == "auto"
+
+
+def test_load_model_passes_the_device_map_and_the_weights_arrive_there(tiny_model_dir, monkeypatch):
+    """Every single-device load goes through device_map={"": device} (on this CPU too), and the result is the same model."""
+    from transformers import AutoModelForCausalLM
+
+    from ches_filter.model import load_model
+
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu", with_lm_head=True)
+    assert seen == [{"": torch.device("cpu")}]
+    assert {p.device.type for p in loaded.decoder.parameters()} == {"cpu"}
+    reference = real(AutoModelForCausalLM, str(tiny_model_dir), dtype=torch.float32)
+    for (name, a), (_, b) in zip(loaded.decoder.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# ------------------------------------------------------------------ 6. known ceilings
+def test_the_memory_ceiling_is_computed_and_stated():
+    from ches_filter.model import training_memory_problem
+
+    gib = 2**30
+    # Llama-3-8B (8.03 B) with Adam: 16 B/param = 119.7 GiB, on an 80 GB card: refused with the numbers.
+    got = training_memory_problem(8_030_000_000, 16, "cuda:0", 79 * gib, 500 * gib)
+    assert "119.7 GiB" in got and "79.0 GiB are free" in got and "`--optimizer sgd`" in got and "\n" not in got
+    # ~7 B on a 141 GB H200 (131 GiB): 104 GiB, fits; SGD halves the need.
+    assert training_memory_problem(7_000_000_000, 16, "cuda:0", 131 * gib, 500 * gib) is None
+    assert training_memory_problem(8_030_000_000, 8, "cuda:0", 79 * gib, 500 * gib) is None
+    # On the CPU the initial copy counts too (20 B/param); already loaded weights are not counted twice.
+    assert "with the initial copy" in training_memory_problem(1_000_000_000, 16, "cpu", 18 * gib, 18 * gib)
+    assert training_memory_problem(1_000_000_000, 16, "cpu", 17 * gib, 17 * gib, on_device=True) is None
+    # Host RAM for the float32 copy of the initial weights on a GPU run.
+    assert "host RAM" in training_memory_problem(8_030_000_000, 16, "cuda:0", 131 * gib, 20 * gib)
+    assert training_memory_problem(8_030_000_000, 16, "cuda:0", None, None) is None  # unknown: not refused
+
+
+def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_path, tiny_model_dir):
+    """A 34 B-parameter config (weights not even read): refused at once with the computed need, exit 2."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from ches_filter.cli import main
+
+    big = tmp_path / "big"
+    shutil.copytree(tiny_model_dir, big)
+    config = json.loads((big / "config.json").read_text())
+    config.update(hidden_size=16384, intermediate_size=65536, num_hidden_layers=8, num_attention_heads=128,
+                  num_key_value_heads=8)
+    (big / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--model", str(big), "--device",
+                                       "cpu", "--scores", str(GOLDEN), "-q"])
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result)
+    assert "does not fit on cpu for validate" in line and "B parameters x 16 bytes" in line and "GiB are free" in line
+    assert not out.exists()
