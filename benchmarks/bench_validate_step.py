@@ -75,6 +75,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max-batch-tokens", type=int, default=8192)
     parser.add_argument("--head-elements", type=int, default=None, help="logits per LM-head chunk (default: the package's)")
+    parser.add_argument("--shape", default=None, help="a named decoder shape of bench_score.py (e.g. llama-1b) instead of "
+                        "--hidden/--layers; --vocab still sets the vocabulary")
+    parser.add_argument("--attn-implementation", default="sdpa")
+    parser.add_argument("--memory-fraction", type=float, default=None,
+                        help="CUDA: cap this process at this fraction of the card (torch.cuda.set_per_process_memory_fraction), "
+                             "to make the out-of-memory back-off happen for real")
+    parser.add_argument("--after", action="store_true", help="also evaluate the pairs after the step (logp_after_sum)")
     parser.add_argument("--json", dest="json_out", default=None)
     args = parser.parse_args(argv)
 
@@ -90,12 +97,22 @@ def main(argv=None) -> dict:
     head_elements = args.head_elements or logprobs.HEAD_CHUNK_ELEMENTS
     device = torch.device(args.device)
     torch.manual_seed(0)
-    heads = max(1, args.hidden // 64)
-    lm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=4096,
-    )).to(device)
-    lm.config._attn_implementation = "sdpa"
+    if args.shape:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from bench_score import NAMED_CONFIGS
+
+        shape = {k: v for k, v in NAMED_CONFIGS[args.shape].items() if k != "model_type"}
+        shape["vocab_size"] = args.vocab
+        args.hidden, args.layers = shape["hidden_size"], shape["num_hidden_layers"]
+    else:
+        heads = max(1, args.hidden // 64)
+        shape = dict(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                     num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                     max_position_embeddings=4096)
+    if args.memory_fraction and device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
+    lm = LlamaForCausalLM(LlamaConfig(**shape)).to(device)
+    lm.config._attn_implementation = args.attn_implementation
     params = sum(p.numel() for p in lm.parameters())
     # Pairs of 8 prompt tokens and two 248-token responses: 502 padded tokens each in a packed row.
     gen = torch.Generator().manual_seed(1)
@@ -131,6 +148,7 @@ def main(argv=None) -> dict:
     info = trainer.train(rows, 0, pairs, ref)
     seconds = time.perf_counter() - started
     peak = (torch.cuda.max_memory_allocated() if cuda else _cpu_status("VmHWM")) - baseline
+    after = trainer.evaluate(rows, pairs) if args.after else None
     bound = stated_bound(params, args.vocab, tokens, args.hidden, args.layers, head_elements)
     trainer.restore()
     trainer.state.restore()
@@ -140,7 +158,8 @@ def main(argv=None) -> dict:
         "head_chunk_positions": logprobs.head_chunk_positions(args.vocab, head_elements),
         "peak_rise_bytes": peak, "bound_bytes": bound, "within_bound": peak <= bound["total"],
         "unchunked_float32_logits_bytes": 4 * positions * args.vocab, "seconds": seconds,
-        "loss": info["loss_first"],
+        "loss": info["loss_first"], "final_budget": trainer.budget, "autocast": str(trainer.autocast),
+        "logp_after_sum": None if after is None else sum(c + r for c, r in after.values()),
     }
     print(json.dumps(result))
     if args.json_out:

@@ -435,3 +435,18 @@ def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_pa
     line = _one_error_line(result)
     assert "does not fit on cpu for validate" in line and "B parameters x 16 bytes" in line and "GiB are free" in line
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ 7. the GPU check script
+def test_gpu_check_script_parses_and_its_checks_run_dry():
+    """benchmarks/gpu_check.sh is valid bash; its python runs on this CPU in --dry mode (one line per check)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "fp16", "--dry"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("PASS fp16"), done.stdout
