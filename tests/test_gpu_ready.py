@@ -438,6 +438,7 @@ def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_pa
 
 
 # ------------------------------------------------------------------ 7. the GPU check script
+@pytest.mark.slow
 def test_gpu_check_script_parses_and_its_checks_run_dry():
     """benchmarks/gpu_check.sh is valid bash; its python runs on this CPU in --dry mode (one line per check)."""
     import subprocess
