@@ -23,6 +23,10 @@
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
+if [ "${DRY:-0}" = 1 ]; then  # a CPU rehearsal is slower than the GPU run it rehearses
+    TOTAL=${TOTAL:-1800}
+    STEP_TIMEOUT=${STEP_TIMEOUT:-600}
+fi
 TOTAL=${TOTAL:-570}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 PYTHON=${PYTHON:-python}
