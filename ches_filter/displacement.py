@@ -93,7 +93,11 @@ class PairProbe:
         self.lm = lm
         self.base = lm.base_model
         self.device = torch.device(device)
-        lm.eval()  # no dropout: the gradient must be that of the deterministic model
+        from .model import ModelState
+
+        # No dropout: the gradient must be that of the deterministic model. `self.state.restore()` gives the
+        # model back as it came (train/eval flags, dropout rates, requires_grad).
+        self.state = ModelState(lm, eval=True)
         self.params = [p for p in lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
@@ -101,6 +105,43 @@ class PairProbe:
 
         #: log-probs from one tree-masked row per pair where the scoring engine's self-check says it is exact.
         self.packed = packed_is_exact(lm, self.device)
+        from .logprobs import HEAD_CHUNK_ELEMENTS
+
+        #: logits per LM-head chunk (halved by :meth:`shrink_head` after an out-of-memory error).
+        self.head_elements = HEAD_CHUNK_ELEMENTS
+
+    def shrink_head(self) -> bool:
+        """Halve the LM-head chunk while it holds more than one position (the back-off of one pair's passes)."""
+        from .logprobs import _vocab
+
+        if self.head_elements // 2 < _vocab(self.lm):
+            return False
+        self.head_elements //= 2
+        said = getattr(self, "_said_head", False)
+        self._said_head = True
+        (logger.info if said else logger.warning)(
+            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
+        return True
+
+    def retry_on_oom(self, fn: Any, tokens: int) -> Any:
+        """``fn()``, redone after an out-of-memory error with a smaller LM-head chunk (the engine's back-off).
+
+        Each probe is one pair, so there is no batch to halve: the pair's
+        passes are redone from the start (a real step restores the weights
+        first), with :meth:`shrink_head`, until they fit or nothing is left to
+        shrink (a one-line error naming the pair's size).
+        """
+        from .engine import TokenBudget, is_oom
+
+        budget = TokenBudget(tokens, self.device)
+        while True:
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(exc):
+                    raise
+                exc.__traceback__ = None
+                budget.after_oom(exc, 1, tokens, self.shrink_head)
 
     # ---------------------------------------------------------------- forward
     def side(self, prompt: Sequence[int], response: Sequence[int], *, grad: bool) -> SideOutput:
@@ -119,7 +160,8 @@ class PairProbe:
     def _logprobs(self, pairs: Sequence[Any], *, grad: bool, hidden: bool = False) -> Any:
         from .logprobs import pair_logprobs
 
-        return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device)
+        return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device,
+                             head_elements=self.head_elements)
 
     def _grad(self, scalar: Any) -> tuple:
         import torch
@@ -391,6 +433,12 @@ def measure_displacement(
         )
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("displacement needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    from .model import flash_attention_problem
+
+    problem = flash_attention_problem(getattr(model.decoder.config, "_attn_implementation", None), model.device,
+                                      next(model.decoder.parameters()).dtype)
+    if problem:
+        raise BadFlagError(problem)
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout,
         on_special_tokens=score_config.on_special_tokens,
@@ -405,18 +453,24 @@ def measure_displacement(
     probe = PairProbe(model.decoder, model.device)
     show = (not score_config.quiet) if progress is None else progress
     records = []
-    for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
-        record = {"row_index": index}
-        record.update(probe.first_order(enc.prompt, enc.chosen, enc.rejected))
-        if config.steps:
-            record.update(probe.dpo_steps(
-                enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
-                ref_logps=(record["logp_chosen"], record["logp_rejected"]), watch=_watched(encoder, pair, enc, watch),
-            ))
-            for name in watch:
-                record.setdefault(f"dlogp_{name}", None)
-        record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))
-        records.append(record)
+    try:
+        for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
+            record = {"row_index": index}
+            tokens = len(enc.prompt) + len(enc.chosen) + len(enc.rejected)
+            record.update(probe.retry_on_oom(lambda: probe.first_order(enc.prompt, enc.chosen, enc.rejected), tokens))
+            if config.steps:
+                watched = _watched(encoder, pair, enc, watch)
+                ref_logps = (record["logp_chosen"], record["logp_rejected"])
+                record.update(probe.retry_on_oom(lambda: probe.dpo_steps(
+                    enc.prompt, enc.chosen, enc.rejected, steps=config.steps, lr=config.lr, beta=config.beta,
+                    ref_logps=ref_logps, watch=watched,
+                ), tokens))
+                for name in watch:
+                    record.setdefault(f"dlogp_{name}", None)
+            record.update(prompt_tokens=len(enc.prompt), chosen_tokens=len(enc.chosen), rejected_tokens=len(enc.rejected))
+            records.append(record)
+    finally:
+        probe.state.restore()
     step_columns = ("dlogp_chosen", "dlogp_rejected", "step_rounding_error")
     names = ["row_index"] + [c for c in DISPLACEMENT_COLUMNS if config.steps or c not in step_columns]
     if config.steps:

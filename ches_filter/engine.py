@@ -59,7 +59,7 @@ from .strategies import ENGINE_CHOICES, STRATEGIES
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Engine", "PairStates", "STRATEGIES", "packed_support", "packed_rows", "tree_mask", "default_workers", "ordered_map",
+    "Engine", "PairStates", "TokenBudget", "is_oom", "STRATEGIES", "packed_support", "packed_rows", "tree_mask", "default_workers", "ordered_map",
 ]
 
 _SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
@@ -129,10 +129,114 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, de
             yield pending.popleft().result()
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
+    """Whether an exception is a device running out of memory (CUDA's error, or a RuntimeError that says so)."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+_is_oom = is_oom
+
+
+class TokenBudget:
+    """The out-of-memory back-off of every forward pass: the scoring engine's, validate's and displacement's.
+
+    A budget of padded tokens per forward pass (``--max-batch-tokens``).
+    When a batch runs out of memory the budget is halved, the batch is split
+    in two and retried, and batches planned under the old budget are re-split
+    as they come up: no pair is lost or computed twice, and each halving is
+    said once (a warning naming the new budget). One pair that does not fit
+    gets ``shrink`` (e.g. a smaller LM-head chunk) while it can, then a
+    one-line :class:`~ches_filter.errors.OutOfMemoryError`.
+
+    Args:
+        tokens: the starting budget.
+        device: where the passes run (CUDA's cached blocks are freed after a failure).
+    """
+
+    def __init__(self, tokens: int, device: Any) -> None:
+        self.tokens = int(tokens)
+        self.device = torch.device(device)
+
+    def after_oom(self, exc: BaseException, pairs: int, tokens: int, shrink: Callable[[], bool] | None = None) -> None:
+        """Back off after ``exc`` on a batch of ``pairs`` pairs and ``tokens`` padded tokens, or raise when nothing is left."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if pairs > 1:
+            self.tokens = max(1, self.tokens // 2)
+            logger.warning("out of memory on %d pairs; retrying with --max-batch-tokens %d", pairs, self.tokens)
+            return
+        if shrink is not None and shrink():
+            return
+        from .errors import OutOfMemoryError
+
+        raise OutOfMemoryError(
+            f"one pair of {tokens} tokens does not fit in memory; lower `--max-length`"
+        ) from exc
+
+    def run(
+        self, fn: Callable[[list[int]], Any], costs: Sequence[int], on_result: Callable[[list[int], Any], None], *,
+        workers: int = 1, max_batch_size: int | None = None, shrink: Callable[[], bool] | None = None,
+    ) -> None:
+        """``fn`` over token-budget batches of item indices (by ``costs``), up to ``workers`` at once.
+
+        ``on_result(batch, result)`` is called from the calling thread for every
+        batch that succeeded, in completion order; an out-of-memory error backs
+        off (:meth:`after_oom`) and the batch is retried, any other error is raised.
+        """
+        if not costs:
+            return
+        queue = deque(token_budget_batches(costs, self.tokens, max_batch_size=max_batch_size))
+
+        def attempt(batch: list[int]) -> Any:
+            try:
+                return fn(batch)
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_oom(exc):
+                    raise
+                exc.__traceback__ = None  # frees the failed pass's tensors before the retry
+                return exc
+
+        def finish(batch: list[int], result: Any) -> None:
+            if isinstance(result, BaseException):
+                self.after_oom(result, len(batch), sum(costs[i] for i in batch), shrink)
+                half = len(batch) // 2
+                if half:
+                    queue.appendleft(batch[half:])
+                    queue.appendleft(batch[:half])
+                else:
+                    queue.appendleft(batch)
+                return
+            on_result(batch, result)
+
+        def next_batch() -> list[int] | None:
+            batch = queue.popleft()
+            if len(batch) > 1 and len(batch) * max(costs[i] for i in batch) > self.tokens:
+                # The budget shrank after an OOM: re-split batches planned before.
+                parts = token_budget_batches([costs[i] for i in batch], self.tokens)
+                queue.extendleft([batch[j] for j in part] for part in reversed(parts))
+                return None
+            return batch
+
+        workers = min(workers, len(queue))
+        if workers <= 1:
+            while queue:
+                batch = next_batch()
+                if batch is not None:
+                    finish(batch, attempt(batch))
+            return
+        with split_cpu_threads(self.device, workers):
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-engine") as pool:
+                pending: dict[Future, list[int]] = {}
+                while queue or pending:
+                    while queue and len(pending) < workers:
+                        batch = next_batch()
+                        if batch is not None:
+                            pending[pool.submit(attempt, batch)] = batch
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        finish(pending.pop(future), future.result())
 
 
 def packed_support(config: Any, attn_implementation: str) -> tuple[bool, str]:
@@ -318,7 +422,7 @@ class Engine:
         self.decoder = decoder
         self.device = torch.device(device)
         self.config = decoder.config
-        self.max_batch_tokens = int(max_batch_tokens)
+        self.budget = TokenBudget(max_batch_tokens, self.device)
         self.max_batch_size = max_batch_size
         self.pad_token_id = int(pad_token_id)
         self.padding_side = padding_side
@@ -388,70 +492,28 @@ class Engine:
         out = PairStates(*(torch.zeros(n, dim, dtype=torch.float64) for _ in range(4)))
         if n == 0:
             return out
-        costs = [self._cost(p) for p in pairs]
-        queue = deque(token_budget_batches(costs, self.max_batch_tokens, max_batch_size=self.max_batch_size))
-        workers = min(self.workers, len(queue))
-        if workers <= 1:
-            while queue:
-                batch = self._next_batch(queue, costs)
-                if batch is not None:
-                    self._finish(batch, self._attempt(pairs, batch), queue, costs, out, on_progress)
-            return out
-        with split_cpu_threads(self.device, workers):
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ches-engine") as pool:
-                pending: dict[Future, list[int]] = {}
-                while queue or pending:
-                    while queue and len(pending) < workers:
-                        batch = self._next_batch(queue, costs)
-                        if batch is not None:
-                            pending[pool.submit(self._attempt, pairs, batch)] = batch
-                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        self._finish(pending.pop(future), future.result(), queue, costs, out, on_progress)
+
+        def store(batch: list[int], result: Any) -> None:
+            index = torch.tensor(batch)
+            for field, value in zip(("s_chosen", "s_rejected", "last_chosen", "last_rejected"), result):
+                getattr(out, field)[index] = value.cpu()
+            if on_progress is not None:
+                on_progress(len(batch))
+
+        self.budget.run(
+            lambda batch: self._forward([pairs[i] for i in batch]), [self._cost(p) for p in pairs], store,
+            workers=self.workers, max_batch_size=self.max_batch_size,
+        )
         return out
 
-    def _next_batch(self, queue: deque, costs: Sequence[int]) -> list[int] | None:
-        """Pop the next batch; None when it had to be re-split for a smaller budget (the parts are queued)."""
-        batch = queue.popleft()
-        if len(batch) > 1 and len(batch) * max(costs[i] for i in batch) > self.max_batch_tokens:
-            # The budget shrank after an OOM: re-split batches planned before.
-            parts = token_budget_batches([costs[i] for i in batch], self.max_batch_tokens)
-            queue.extendleft([batch[j] for j in part] for part in reversed(parts))
-            return None
-        return batch
+    @property
+    def max_batch_tokens(self) -> int:
+        """The token budget per forward pass (halved after an out-of-memory error, :class:`TokenBudget`)."""
+        return self.budget.tokens
 
-    def _attempt(self, pairs: Sequence[EncodedPair], batch: list[int]) -> Any:
-        """Run one batch; an out-of-memory error is returned (for :meth:`_finish`), any other raised."""
-        try:
-            return self._forward([pairs[i] for i in batch])
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not _is_oom(exc):
-                raise
-            return exc
-
-    def _finish(
-        self, batch: list[int], result: Any, queue: deque, costs: Sequence[int], out: PairStates,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> None:
-        """Store a batch's states, or on OOM halve the budget and queue the batch's two halves first."""
-        if isinstance(result, BaseException):
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(batch) == 1:
-                raise RuntimeError(
-                    f"one pair of {costs[batch[0]]} tokens does not fit in memory; lower `--max-length`"
-                ) from result
-            self.max_batch_tokens = max(1, self.max_batch_tokens // 2)
-            logger.warning("out of memory on %d pairs; retrying with --max-batch-tokens %d", len(batch), self.max_batch_tokens)
-            half = len(batch) // 2
-            queue.appendleft(batch[half:])
-            queue.appendleft(batch[:half])
-            return
-        index = torch.tensor(batch)
-        for field, value in zip(("s_chosen", "s_rejected", "last_chosen", "last_rejected"), result):
-            getattr(out, field)[index] = value.cpu()
-        if on_progress is not None:
-            on_progress(len(batch))
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, value: int) -> None:
+        self.budget.tokens = int(value)
 
     # ----------------------------------------------------------------- helpers
     def _cost(self, pair: EncodedPair) -> int:

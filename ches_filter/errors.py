@@ -25,3 +25,9 @@ class BadFlagError(ChesFilterError, ValueError):
     """A configuration value or a combination of flags is invalid."""
 
     exit_code = 2
+
+
+class OutOfMemoryError(ChesFilterError, RuntimeError):
+    """Even one pair does not fit in the device's memory after every back-off (exit code 1)."""
+
+    exit_code = 1

@@ -19,15 +19,47 @@ last prompt position starts both branches); the final token (EOS in the paper
 layout) is only ever predicted. Logits are computed for the tail of each batch
 from the earliest response-predicting position on (``logits_to_keep``), through
 the model's own forward, so logit soft-capping or scaling applies.
+
+Memory: where the LM head alone reproduces the model's logits (checked once,
+:func:`_head_is_exact`; every standard transformers causal LM), the head and
+the cross-entropy run on :data:`HEAD_CHUNK_ELEMENTS` logits at a time, each
+chunk recomputed in the backward pass, so they never hold more than
+:func:`head_peak_bytes` (512 MiB) whatever the batch: 8,192 response positions
+of a 128k vocabulary are 4.3 GB of float32 logits in one tensor, 17 GB with
+cross-entropy's copies and their gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-__all__ = ["PairLogProbs", "pair_logprobs", "packed_is_exact"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["PairLogProbs", "pair_logprobs", "packed_is_exact", "HEAD_CHUNK_ELEMENTS", "head_chunk_positions", "head_peak_bytes"]
+
+#: Logits computed at once by the LM head: ``positions x vocabulary`` elements per chunk (32 Mi = 128 MiB
+#: in float32). The head's transient memory is at most :func:`head_peak_bytes` of it, whatever the batch.
+HEAD_CHUNK_ELEMENTS = 1 << 25
+
+
+def head_chunk_positions(vocab: int, elements: int = HEAD_CHUNK_ELEMENTS) -> int:
+    """Response positions whose logits are computed together: ``elements // vocab`` (at least 1)."""
+    return max(1, int(elements) // max(1, int(vocab)))
+
+
+def head_peak_bytes(vocab: int, elements: int = HEAD_CHUNK_ELEMENTS) -> int:
+    """The stated bound on the LM head's transient memory for one chunk: 16 bytes per logit.
+
+    A chunk's logits in the compute dtype (<= 4 bytes), their float32 copy
+    under autocast (4), cross-entropy's log-softmax (4) and, in the backward
+    pass (the chunk is recomputed, :func:`torch.utils.checkpoint`), the
+    gradient of the logits (4): at most 16 bytes per element of one chunk,
+    instead of the same per element of every response position at once.
+    """
+    return 16 * head_chunk_positions(vocab, elements) * int(vocab)
 
 
 @dataclass
@@ -92,7 +124,7 @@ def _head(lm: Any, states: Any) -> Any:
     return logits
 
 
-def _head_is_exact(lm: Any, device: Any) -> bool:
+def _head_is_exact(lm: Any, device: Any, autocast_dtype: Any = None) -> bool:
     """Whether decoder + :func:`_head` reproduce the model's own logits (checked once per model on a short random input).
 
     Computing the head only at the response-predicting positions saves most
@@ -107,22 +139,64 @@ def _head_is_exact(lm: Any, device: Any) -> bool:
         return cached
     vocab = int(getattr(lm.config, "vocab_size", 1000))
     ids = torch.randint(4, max(5, vocab), (1, 12), generator=torch.Generator().manual_seed(0)).to(device)
-    try:
-        with torch.no_grad():
+    head = lm.get_output_embeddings()
+    base_model = getattr(lm, "base_model", None)
+    why = None
+    if head is None or base_model is None or base_model is lm:
+        why = "it has no separate base model and LM head"
+    else:
+        # Run as the passes run (under their autocast): an error here (out of memory, an attention kernel
+        # that refuses the dtype) is the model's, and is raised, never read as "not exact".
+        with torch.no_grad(), _autocast(device, autocast_dtype):
             full = lm(input_ids=ids, use_cache=False).logits[0].float()
-            base = lm.base_model(input_ids=ids, use_cache=False)
-            states = base[0] if isinstance(base, tuple) else base.last_hidden_state
-            mine = _head(lm, states[0]).float()
-        err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-12))
-        dtype = next(lm.parameters()).dtype
-        exact = err <= (1e-4 if dtype in (torch.float32, torch.float64) else 2e-2)
-    except Exception:  # noqa: BLE001 - any mismatch of structure means: use the model's own forward
-        exact = False
+            base = base_model(input_ids=ids, use_cache=False)
+            states = base[0] if isinstance(base, tuple) else getattr(base, "last_hidden_state", None)
+            in_features = getattr(head, "in_features", None)
+            if not isinstance(states, torch.Tensor) or states.dim() != 3:
+                why = "its base model returns no (batch, length, hidden) states"
+            elif in_features is not None and states.shape[-1] != in_features:
+                why = f"its LM head takes {in_features} features, not the base model's {states.shape[-1]}"
+            else:
+                mine = _head(lm, states[0]).float()
+        if why is None:
+            if mine.shape != full.shape:
+                why = f"its logits have shape {tuple(full.shape)}, the head gives {tuple(mine.shape)}"
+            else:
+                err = float((full - mine).abs().max() / full.abs().max().clamp_min(1e-12))
+                low = autocast_dtype is not None or next(lm.parameters()).dtype not in (torch.float32, torch.float64)
+                if err > (2e-2 if low else 1e-4):
+                    why = f"the head alone differs from its logits by {err:.1e} (relative)"
+    exact = why is None
+    if not exact:
+        logger.info("log-probs through the model's own forward (the LM head alone is not exact: %s); "
+                    "the head's memory is then not bounded by chunks", why)
     try:
         lm._ches_filter_head_exact = exact
     except AttributeError:
         pass
     return exact
+
+
+def _vocab(lm: Any) -> int:
+    """Width of the model's logits (the LM head's rows; the config's ``vocab_size`` without a head weight)."""
+    head = lm.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None and weight.dim() == 2 else int(lm.config.vocab_size)
+
+
+def _logprobs_of(logits: Any, targets: Any) -> Any:
+    """``log softmax(logits)[target]`` per row, in float32 for float16/bfloat16 logits."""
+    import torch
+    import torch.nn.functional as F
+
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def _head_logprobs(lm: Any, states: Any, targets: Any) -> Any:
+    """Log-probs of ``targets`` under the LM head at ``states`` (one chunk of positions)."""
+    return _logprobs_of(_head(lm, states), targets)
 
 
 def pair_logprobs(
@@ -135,6 +209,7 @@ def pair_logprobs(
     device: Any = None,
     pad_token_id: int = 0,
     autocast_dtype: Any = None,
+    head_elements: int = HEAD_CHUNK_ELEMENTS,
 ) -> PairLogProbs:
     """``log π(y+|x)`` and ``log π(y-|x)`` of each pair, one forward pass for the batch.
 
@@ -150,12 +225,15 @@ def pair_logprobs(
         pad_token_id: id used for padding (never read).
         autocast_dtype: run the forward under ``torch.autocast`` in this dtype
             (e.g. bfloat16 on CUDA with float32 master weights); None for none.
+        head_elements: logits computed at once (``positions x vocabulary``); the LM
+            head and the cross-entropy run chunk by chunk, each chunk recomputed in
+            the backward pass, so their memory is :func:`head_peak_bytes`, not
+            16 bytes per logit of every response position.
 
     Returns:
         A :class:`PairLogProbs`: log-probs in the logits' dtype (float32 for float16/bfloat16 logits), summed per token.
     """
     import torch
-    import torch.nn.functional as F
 
     if not pairs:
         raise ValueError("pair_logprobs needs at least one pair")
@@ -206,15 +284,28 @@ def pair_logprobs(
     target_t = torch.tensor(targets, device=device)
     segment_t = torch.tensor(segment, device=device)
     states = None
-    head_only = _head_is_exact(lm, device)  # checked once per model, outside autocast
+    head_only = _head_is_exact(lm, device, autocast_dtype)  # checked once per model
+    vocab = _vocab(lm)
+    chunk = head_chunk_positions(vocab, head_elements)
     with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
         if head_only:
-            # The decoder, then the LM head on the response-predicting positions only.
+            # The decoder, then the LM head on the response-predicting positions only, chunk by chunk.
             base = lm.base_model(
                 input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device), use_cache=False,
             )
             states = base[0] if isinstance(base, tuple) else base.last_hidden_state
-            picked = _head(lm, states.reshape(-1, states.shape[-1]).index_select(0, _full_index(flat, width, keep, device)))
+            picked = states.reshape(-1, states.shape[-1]).index_select(0, _full_index(flat, width, keep, device))
+            parts = []
+            for start in range(0, picked.shape[0], chunk):
+                args = (lm, picked[start : start + chunk], target_t[start : start + chunk])
+                if grad and torch.is_grad_enabled():
+                    from torch.utils.checkpoint import checkpoint
+
+                    # Only the chunk's hidden states are kept for the backward pass; its logits are recomputed.
+                    parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
+                else:
+                    parts.append(_head_logprobs(*args))
+            token_logp = torch.cat(parts)
         else:
             captured: dict[str, Any] = {}
 
@@ -231,12 +322,14 @@ def pair_logprobs(
                 if hook is not None:
                     hook.remove()
             states = captured.get("hidden")
-            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, flat_t)
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            # The model's own logits are whole; their float32 copies and the cross-entropy go chunk by chunk.
+            token_logp = torch.cat([
+                _logprobs_of(flat_logits.index_select(0, flat_t[start : start + chunk]), target_t[start : start + chunk])
+                for start in range(0, flat_t.shape[0], chunk)
+            ])
     with torch.set_grad_enabled(grad):
-        if picked.dtype in (torch.float16, torch.bfloat16):
-            picked = picked.float()
-        token_logp = -F.cross_entropy(picked, target_t, reduction="none")
-        sums = torch.zeros(len(sides), dtype=picked.dtype, device=device).index_add(0, segment_t, token_logp)
+        sums = torch.zeros(len(sides), dtype=token_logp.dtype, device=device).index_add(0, segment_t, token_logp)
     out = PairLogProbs(
         chosen=sums[0::2] if grad else sums[0::2].detach(),
         rejected=sums[1::2] if grad else sums[1::2].detach(),

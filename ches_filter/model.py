@@ -473,6 +473,160 @@ def resolve_dtype(dtype: str, device: "torch.device") -> "torch.dtype":
     return getattr(torch, dtype)
 
 
+def training_autocast(dtype: str, device: "torch.device") -> tuple["torch.dtype | None", str | None]:
+    """The autocast dtype validate trains under for ``--dtype`` on ``device``, and why, when it is not the one asked for.
+
+    Master weights, gradients and Adam state are float32 always. bfloat16
+    (``auto`` on a CUDA card that has it, or asked) runs the passes under
+    bfloat16 autocast. float16 (``auto`` on a card without bfloat16, e.g. V100
+    or T4, or asked) is not used: float16 autocast without a loss scaler lets
+    small DPO gradients underflow to zero, and a ``GradScaler`` skips the steps
+    whose gradients overflow, so two subsets would get different numbers of
+    updates; validate trains in float32 there (exact, slower) and says so.
+
+    Returns:
+        ``(autocast dtype or None for float32, a one-line note or None)``.
+    """
+    import torch
+
+    wanted = resolve_dtype(dtype, device)
+    if wanted == torch.float16:
+        why = "this GPU has no bfloat16" if dtype == "auto" else "`--dtype float16` was asked for"
+        return None, (
+            f"validate trains in float32 here ({why}): float16 autocast without a loss scaler lets DPO gradients "
+            "underflow, and a scaler's skipped steps would give subsets different numbers of updates"
+        )
+    return (None if wanted in (torch.float32, torch.float64) else wanted), None
+
+
+def flash_attention_problem(attn_implementation: str | None, device: Any, weights_dtype: Any,
+                            autocast_dtype: Any = None) -> str | None:
+    """Why FlashAttention-2 cannot run as asked (one line, for a refusal), or None when it can or is not asked for.
+
+    FlashAttention-2 runs on CUDA in float16 or bfloat16 only: float32
+    weights (``--dtype float32``, or validate's and displacement's float32
+    master weights) need a bfloat16/float16 autocast around the passes.
+    """
+    import torch
+
+    if attn_implementation != "flash_attention_2":
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"`--attn-implementation flash_attention_2` runs on CUDA only, not on {device.type}; use `sdpa`"
+    compute = autocast_dtype or weights_dtype
+    if compute not in (torch.float16, torch.bfloat16):
+        name = str(compute).replace("torch.", "")
+        return (
+            f"`--attn-implementation flash_attention_2` needs bfloat16 or float16 but this run computes in {name}; "
+            "pass `--dtype bfloat16` (validate then autocasts over its float32 weights) or use `sdpa`"
+        )
+    return None
+
+
+def from_pretrained_kwargs(torch_dtype: Any, device: Any, attn_implementation: str, device_map: str | None = None) -> dict:
+    """Keyword arguments of ``from_pretrained`` that place the weights: straight onto the device.
+
+    With ``device_map={"": device}`` transformers (through accelerate)
+    materialises each weight where it will live, so an 8B model loads onto a
+    GPU from a node with less free host RAM than its weights (loading on the
+    CPU, then ``.to(device)``, needs it all). ``--device-map`` (a split over
+    several GPUs) is passed as given.
+    """
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    if device_map:
+        kwargs["device_map"] = device_map
+        return kwargs
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    kwargs["device_map"] = {"": device}
+    return kwargs
+
+
+def training_memory_problem(params: int, bytes_per_param: int, device: str, free_device: int | None,
+                            free_host: int | None, on_device: bool = False) -> str | None:
+    """Why training a model of ``params`` parameters cannot fit (one line with the computed need), or None.
+
+    Args:
+        params: parameters of the model.
+        bytes_per_param: what training holds per parameter on the device
+            (float32 weights 4 + gradients 4 + optimizer state: Adam 8).
+        device: the device's name, for the message.
+        free_device: free bytes on the device (None: unknown, not checked).
+        free_host: free host RAM in bytes; the initial weights are copied
+            there (4 bytes per parameter; on a CPU device, on top of the rest).
+        on_device: the weights are already loaded there (their 4 bytes count as held).
+    """
+    gib = 2**30
+    need = params * (bytes_per_param - (4 if on_device else 0))
+    host = 4 * params
+    if device.startswith("cpu"):
+        need, host = need + host, 0
+    if free_device is not None and need > free_device:
+        what = f"{params / 1e9:.2f} B parameters x {bytes_per_param} bytes (float32 weights, gradients and optimizer state)"
+        return (
+            f"the model does not fit on {device} for validate: {what} need {need / gib:.1f} GiB"
+            f"{' more' if on_device else ''}{' with the initial copy' if device.startswith('cpu') else ''}, "
+            f"and {free_device / gib:.1f} GiB are free there; use a smaller model, `--optimizer sgd` (8 bytes per "
+            "parameter) or a device with more memory (docs/validate.md, \"Known ceilings\")"
+        )
+    if free_host is not None and host > free_host:
+        return (
+            f"validate keeps a float32 copy of the initial weights in host RAM: {params / 1e9:.2f} B parameters x 4 bytes "
+            f"= {host / gib:.1f} GiB, and {free_host / gib:.1f} GiB are free; use a smaller model or free host memory"
+        )
+    return None
+
+
+def free_memory(device: Any) -> tuple[int | None, int | None]:
+    """Free bytes on ``device`` (CUDA: the driver's count; CPU: the host's) and free host RAM; None where unknown."""
+    import torch
+
+    host = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], host
+    if device.type == "cpu":
+        return host, host
+    return None, host
+
+
+def count_parameters(load_from: str, *, revision: str | None, trust_remote_code: bool, with_lm_head: bool) -> int:
+    """Parameters of a checkpoint, from its config alone (the model is built on the meta device: no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(load_from, revision=revision, trust_remote_code=trust_remote_code)
+    cls = AutoModelForCausalLM if with_lm_head else AutoModel
+    with init_empty_weights():
+        net = cls.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in net.parameters())
+
+
+def check_training_fits(load_from: str, kwargs: dict, device: Any, bytes_per_param: int, with_lm_head: bool) -> None:
+    """Refuse, before any weight is read, a model whose training state cannot fit on ``device`` (BadFlagError)."""
+    try:
+        params = count_parameters(load_from, revision=kwargs.get("revision"),
+                                  trust_remote_code=bool(kwargs.get("trust_remote_code")), with_lm_head=with_lm_head)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        logger.info("cannot count the parameters before loading (%s); the memory check comes after loading", _one_line(exc))
+        return
+    free_device, free_host = free_memory(device)
+    problem = training_memory_problem(params, bytes_per_param, str(device), free_device, free_host)
+    if problem:
+        raise BadFlagError(problem)
+
+
 @dataclass
 class LoadedModel:
     """A decoder (no LM head) ready for scoring, its tokenizer and provenance.
@@ -515,6 +669,8 @@ def load_model(
     attn_implementation: str = "sdpa",
     device_map: str | None = None,
     with_lm_head: bool = False,
+    autocast: str | None = None,
+    train_bytes_per_param: int | None = None,
 ) -> LoadedModel:
     """Load a model for scoring.
 
@@ -529,6 +685,11 @@ def load_model(
         device_map: e.g. ``auto`` to split one model over a node's GPUs (accelerate).
         with_lm_head: load the full causal LM (the paper-style baseline needs
             logits); scoring never does.
+        autocast: the dtype the passes will autocast to (``bfloat16``, ``float16``)
+            over these weights; decides whether FlashAttention-2 can run.
+        train_bytes_per_param: the model will be trained holding this many
+            bytes per parameter on the device (validate: 16 with Adam); a model
+            that cannot fit is refused before its weights are read.
 
     Returns:
         The loaded model; ``decoder`` is the full causal LM when ``with_lm_head``.
@@ -548,6 +709,10 @@ def load_model(
         )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    problem = flash_attention_problem(attn_implementation, dev if not device_map else "cuda", torch_dtype,
+                                      getattr(torch, autocast) if autocast else None)
+    if problem:
+        raise BadFlagError(problem)
     info: dict[str, Any] = {"revision": revision}
     if model is None:
         info["model"] = f"embedded:{DEFAULT_MODEL_FILE}"
@@ -561,11 +726,11 @@ def load_model(
     else:
         load_from = model
         remote = trust_remote_code
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
+    kwargs = from_pretrained_kwargs(torch_dtype, dev, attn_implementation, device_map)
     if gguf is None:
         kwargs.update(revision=revision, trust_remote_code=remote)
-    if device_map:
-        kwargs["device_map"] = device_map
+    if train_bytes_per_param:
+        check_training_fits(load_from, kwargs, dev, train_bytes_per_param, with_lm_head)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             load_from, **({} if gguf is not None else {"revision": revision, "trust_remote_code": remote})
@@ -587,7 +752,7 @@ def load_model(
             f"cannot load model {model!r}: {_one_line(exc)}. `--model` takes a Hub id, a local directory, or a .gguf file"
         ) from None
     if not device_map:
-        net.to(dev)
+        net.to(dev)  # already there (loaded straight to it); a no-op that keeps the promise
     else:
         dev = next(net.parameters()).device
     net.eval()
@@ -651,3 +816,80 @@ def as_loaded_model(model: Any, tokenizer: Any = None, **load_kwargs: Any) -> Lo
         "commit_hash": getattr(config, "_commit_hash", None),
     }
     return LoadedModel(decoder=model, tokenizer=tokenizer, device=first.device, dtype=first.dtype, info=info)
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop") or name == "layerdrop"
+
+
+class ModelState:
+    """Dropout off for every pass over a model, then the model given back as it came.
+
+    Dropout is switched off the way TRL's ``disable_dropout_in_model`` does it
+    (its probability set to 0, so it stays off in training mode, which
+    transformers' gradient checkpointing needs), and wider: every
+    ``torch.nn.Dropout``-like module, and the float dropout rates that
+    attention functions and layers read at call time (``attention_dropout``,
+    ``layerdrop``, ... on modules and on the model's configs). :meth:`restore`
+    puts back each rate, each module's train/eval flag, each parameter's
+    ``requires_grad`` and gradient checkpointing as they were when the state
+    was taken: a model handed over by a training script goes back unchanged.
+
+    Use as a context manager (``with ModelState(lm, eval=True): ...``) or call
+    :meth:`restore` yourself.
+    """
+
+    def __init__(self, model: Any, *, eval: bool = False) -> None:
+        import torch
+
+        self.model = model
+        self.modes = [(m, m.training) for m in model.modules()]
+        self.grads = [(p, p.requires_grad) for p in model.parameters()]
+        self.checkpointing = [(m, m.gradient_checkpointing) for m in model.modules()
+                              if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+        self.rates: list[tuple[Any, str, float]] = []
+        configs = []
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+                self._zero(module, "p", module.p)
+            for name, value in list(vars(module).items()):
+                if type(value) is float and _is_dropout_name(name):
+                    self._zero(module, name, value)
+            config = getattr(module, "config", None)
+            if config is not None and not isinstance(config, torch.nn.Module) and all(config is not c for c in configs):
+                configs.append(config)
+        for config in configs:
+            for sub in [config, *(v for v in vars(config).values() if hasattr(v, "to_dict") and hasattr(v, "model_type"))]:
+                for name, value in list(vars(sub).items()):
+                    if type(value) is float and _is_dropout_name(name):
+                        self._zero(sub, name, value)
+        if eval:
+            model.eval()
+
+    def _zero(self, owner: Any, name: str, value: float) -> None:
+        if value != 0.0:
+            self.rates.append((owner, name, value))
+            setattr(owner, name, 0.0)
+
+    @property
+    def dropout_rates(self) -> int:
+        """How many non-zero dropout rates were switched off."""
+        return len(self.rates)
+
+    def restore(self) -> None:
+        """The rates, train/eval flags, ``requires_grad`` and checkpointing flags as they were taken."""
+        for owner, name, value in self.rates:
+            setattr(owner, name, value)
+        for module, mode in self.modes:
+            module.training = mode
+        for param, wanted in self.grads:
+            param.requires_grad_(wanted)
+        for module, flag in self.checkpointing:
+            module.gradient_checkpointing = flag
+        self.rates = []
+
+    def __enter__(self) -> "ModelState":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()

@@ -507,7 +507,8 @@ def score_pairs(
             ``overrides`` replace its fields (or build one).
         model: what a training script holds: a transformers model object
             (``AutoModelForCausalLM``; scored in place, in its dtype, in eval
-            mode, its training mode restored afterwards) with ``tokenizer``,
+            mode with every dropout rate at 0, then given back as it came:
+            train/eval flags and dropout rates restored) with ``tokenizer``,
             a Hub id or local path, a :class:`~ches_filter.model.LoadedModel`,
             or None for ``config.model``.
         tokenizer: the tokenizer of a model object.
@@ -535,12 +536,13 @@ def score_pairs(
             from .model import as_loaded_model
 
             loaded = as_loaded_model(config.model, tokenizer, **_load_kwargs(config))
-    training = getattr(getattr(loaded, "decoder", None), "training", False)
-    try:
+    import contextlib
+
+    from .model import ModelState
+
+    # A model object is scored in eval mode with every dropout off (TRL's way, wider), and given back as it came.
+    with ModelState(loaded.decoder, eval=True) if loaded is not None else contextlib.nullcontext():
         table, _ = score_to_table(data, config, model=loaded, progress=progress)
-    finally:
-        if training:
-            loaded.decoder.train()
     counts = status_counts(table.column("status"))
     logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), table.num_rows, ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return table

@@ -211,14 +211,24 @@ class _Trainer:
 
         from .engine import default_workers
         from .logprobs import _head_is_exact, packed_is_exact
-        from .model import resolve_dtype
+        from .model import ModelState, flash_attention_problem, training_autocast
 
         self.lm = loaded.decoder
         self.device = loaded.device
         self.config = config
-        wanted = resolve_dtype(score_config.dtype, self.device)
-        # Master weights stay float32; a lower dtype is used through autocast only.
-        self.autocast = None if wanted == torch.float32 else wanted
+        # Dropout off in every pass (reference, training, after training, self-checks), in training mode too
+        # (gradient checkpointing); `self.state.restore()` gives the model back as it came.
+        self.state = ModelState(self.lm, eval=not config.gradient_checkpointing)
+        if self.state.dropout_rates:
+            logger.info("dropout switched off for validate (%d rates set to 0; restored afterwards)", self.state.dropout_rates)
+        # Master weights stay float32; bfloat16 is used through autocast only, float16 not at all (training_autocast).
+        self.autocast, note = training_autocast(score_config.dtype, torch.device(self.device))
+        if note:
+            logger.warning("%s", note)
+        problem = flash_attention_problem(getattr(self.lm.config, "_attn_implementation", None), self.device,
+                                          next(self.lm.parameters()).dtype, self.autocast)
+        if problem:
+            raise BadFlagError(problem)
         self.params = [p for p in self.lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
@@ -228,9 +238,7 @@ class _Trainer:
                 self.lm.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.lm.train()  # transformers checkpoints only in training mode
-        else:
-            self.lm.eval()
+            self.lm.train()  # transformers checkpoints only in training mode (dropout stays at 0)
         self.packed = score_config.engine != "plain" and packed_is_exact(self.lm, self.device)
         if score_config.engine in ("packed", "prefix") and not self.packed:
             logger.warning("the packed log-prob path is not exact for this model; using the plain one")
@@ -238,6 +246,9 @@ class _Trainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = int(pad)
         self.budget = score_config.max_batch_tokens
+        from .logprobs import HEAD_CHUNK_ELEMENTS
+
+        self.head_elements = HEAD_CHUNK_ELEMENTS  # logits per LM-head chunk (logprobs.head_peak_bytes)
         # On CPU, the no-gradient passes run micro-batches side by side on
         # single-threaded workers, as the scoring engine's batches do
         # (`--engine-workers`): 4-16 % faster here. Training steps stay one
@@ -258,7 +269,7 @@ class _Trainer:
 
         return pair_logprobs(
             self.lm, pairs, packed=self.packed, grad=grad, device=self.device, pad_token_id=self.pad,
-            autocast_dtype=self.autocast,
+            autocast_dtype=self.autocast, head_elements=self.head_elements,
         )
 
     def _cost(self, pair: Any) -> int:
@@ -275,16 +286,40 @@ class _Trainer:
 
     def evaluate(self, rows: Sequence[int], encoded: dict[int, Any]) -> dict[int, tuple[float, float]]:
         """``{row: (log π(y+), log π(y-))}`` without gradients, in token-budget batches."""
-        from .engine import ordered_map
-
         out = {}
-        batches = self._micro_batches(rows, encoded)
-        results = ordered_map(lambda batch: self.logprobs([encoded[r] for r in batch], grad=False), batches,
-                              self.workers, self.device)
-        for batch, got in zip(batches, results):
-            for j, r in enumerate(batch):
-                out[r] = (float(got.chosen[j]), float(got.rejected[j]))
+        rows = list(rows)
+
+        def store(batch: list[int], got: Any) -> None:
+            for j, i in enumerate(batch):
+                out[rows[i]] = (float(got.chosen[j]), float(got.rejected[j]))
+
+        # The scoring engine's batches and out-of-memory back-off (halve the budget, lose nothing).
+        budget = self._token_budget()
+        try:
+            budget.run(lambda batch: self.logprobs([encoded[rows[i]] for i in batch], grad=False),
+                       [self._cost(encoded[r]) for r in rows], store, workers=self.workers, shrink=self._shrink_head)
+        finally:
+            self.budget = budget.tokens
         return out
+
+    def _token_budget(self) -> Any:
+        from .engine import TokenBudget
+        from .scoring import default_batch_tokens
+
+        return TokenBudget(self.budget or default_batch_tokens(self.device), self.device)
+
+    def _shrink_head(self) -> bool:
+        """After one pair ran out of memory: halve the LM-head chunk while it holds more than one position."""
+        from .logprobs import _vocab
+
+        if self.head_elements // 2 < _vocab(self.lm):
+            return False
+        self.head_elements //= 2
+        said = getattr(self, "_said_head", False)
+        self._said_head = True
+        (logger.info if said else logger.warning)(
+            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
+        return True
 
     def optimizer(self) -> Any:
         import torch
@@ -301,11 +336,55 @@ class _Trainer:
                 pass
         return cls(self.params, lr=self.config.lr)
 
+    def _accumulate(self, batch: Sequence[int], encoded: dict[int, Any], ref: dict[int, tuple[float, float]]) -> float:
+        """The batch's DPO gradient in the parameters' ``.grad``; returns its loss.
+
+        The batch's mean loss is a weighted sum over length-grouped
+        micro-batches: the same gradient, less padding and memory. A micro-batch
+        that runs out of memory (forward or backward) discards the step's
+        gradients so far, halves the budget (:class:`~ches_filter.engine.TokenBudget`)
+        and redoes the step: nothing is lost or counted twice.
+        """
+        import torch
+
+        while True:
+            self._opt_zero_grad()
+            total = 0.0
+            micro: list[int] = []
+            got = loss = None
+            try:
+                for micro in self._micro_batches(batch, encoded):
+                    got = self.logprobs([encoded[r] for r in micro], grad=True)
+                    dev = got.chosen.device
+                    ref_c = torch.tensor([ref[r][0] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    ref_r = torch.tensor([ref[r][1] for r in micro], dtype=got.chosen.dtype, device=dev)
+                    loss = dpo_loss(got.chosen, got.rejected, ref_c, ref_r, self.config.beta) * (len(micro) / len(batch))
+                    loss.backward()
+                    total += float(loss.detach())
+                    del got, loss
+                return total
+            except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                from .engine import is_oom
+
+                if not is_oom(exc):
+                    raise
+                got = loss = None  # the failed pass's graph goes before the retry
+                exc.__traceback__ = None
+                self._opt_zero_grad()
+                budget = self._token_budget()
+                try:
+                    budget.after_oom(exc, len(micro), sum(self._cost(encoded[r]) for r in micro), self._shrink_head)
+                finally:
+                    self.budget = budget.tokens
+
+    def _opt_zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
     def train(self, members: Sequence[int], seed: int, encoded: dict[int, Any], ref: dict[int, tuple[float, float]],
               on_step: Any = None) -> dict:
         """DPO on ``members`` from the initial weights; returns the losses of the first and last step."""
         import numpy as np
-        import torch
 
         self.restore()
         opt = self.optimizer()
@@ -317,19 +396,7 @@ class _Trainer:
             order = [members[i] for i in rng.permutation(len(members)).tolist()]
             for start in range(0, len(order), bs):
                 batch = order[start : start + bs]
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                # The batch's mean loss as a weighted sum over length-grouped
-                # micro-batches: the same gradient, less padding and memory.
-                for micro in self._micro_batches(batch, encoded):
-                    got = self.logprobs([encoded[r] for r in micro], grad=True)
-                    dev = got.chosen.device
-                    ref_c = torch.tensor([ref[r][0] for r in micro], dtype=got.chosen.dtype, device=dev)
-                    ref_r = torch.tensor([ref[r][1] for r in micro], dtype=got.chosen.dtype, device=dev)
-                    loss = dpo_loss(got.chosen, got.rejected, ref_c, ref_r, self.config.beta) * (len(micro) / len(batch))
-                    loss.backward()
-                    total += float(loss.detach())
-                    del got, loss
+                total = self._accumulate(batch, encoded, ref)
                 if not math.isfinite(total):
                     raise ChesFilterError(
                         f"training diverged: the DPO loss is {total} at step {len(losses) + 1} (lr {self.config.lr:g}, "
@@ -642,6 +709,32 @@ def _write_file(path: str, data: bytes) -> None:
         handle.write(data)
 
 
+#: Bytes per parameter validate holds on the device while training: float32 weights and gradients (4 + 4) and the
+#: optimizer's state (Adam: two moments, 8; RMSprop: one, 4; SGD: none). docs/validate.md, "Known ceilings".
+TRAIN_BYTES_PER_PARAM = {"adam": 16, "rmsprop": 12, "sgd": 8}
+
+
+def _check_model_up_front(config: ValidateConfig, score_config: ScoreConfig) -> None:
+    """Before scoring: refuse FlashAttention-2 that cannot run, and a model whose training state cannot fit the device.
+
+    Counts the parameters from the model's config alone (no weights read); a
+    GGUF model is checked when it is loaded (its config comes with the conversion).
+    """
+    import torch
+
+    from .model import (check_model_source, check_training_fits, flash_attention_problem, resolve_device,
+                        training_autocast)
+
+    device = resolve_device(score_config.device)
+    autocast, _ = training_autocast(score_config.dtype, device)
+    problem = flash_attention_problem(score_config.attn_implementation, device, torch.float32, autocast)
+    if problem:
+        raise BadFlagError(problem)
+    if score_config.model is not None and check_model_source(score_config.model) is None:
+        kwargs = {"revision": score_config.revision, "trust_remote_code": score_config.trust_remote_code}
+        check_training_fits(score_config.model, kwargs, device, TRAIN_BYTES_PER_PARAM[config.optimizer], True)
+
+
 def run_validate(
     data: Any,
     output_dir: str,
@@ -686,6 +779,8 @@ def run_validate(
     if scores is not None and os.path.realpath(scores) != os.path.realpath(own_scores):
         named.append(("--scores", os.fspath(scores)))  # a previous run's OUT_DIR/scores.parquet may be reused in place
     resume = _check_output_dir(output_dir, named, overwrite)
+    if model is None:
+        _check_model_up_front(config, score_config)
     # One run per OUT_DIR, from before the input is read until the outputs are
     # in place: a second run (even with --overwrite) is refused, naming this one.
     existed = os.path.isdir(output_dir)
@@ -774,14 +869,25 @@ def _run_locked(
         from .model import load_model
 
         t0 = time.perf_counter()
+        from .model import resolve_device, training_autocast
+
+        autocast, _ = training_autocast(score_config.dtype, resolve_device(score_config.device))
         model = load_model(
             score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
             dtype="float32", device=score_config.device, attn_implementation=score_config.attn_implementation,
-            with_lm_head=True,
+            with_lm_head=True, autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
+            train_bytes_per_param=TRAIN_BYTES_PER_PARAM[config.optimizer],
         )
         phases["model_load"] = time.perf_counter() - t0
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("validate needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+    from .model import free_memory, training_memory_problem
+
+    params = sum(p.numel() for p in model.decoder.parameters())
+    problem = training_memory_problem(params, TRAIN_BYTES_PER_PARAM[config.optimizer], str(model.device),
+                                      *free_memory(model.device), on_device=True)
+    if problem:
+        raise BadFlagError(problem)
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
     )
@@ -846,11 +952,9 @@ def _run_locked(
             bar.close()
     finally:
         trainer.restore()
-        for p in trainer.params:
-            p.requires_grad_(False)
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing and not any(flag for _, flag in trainer.state.checkpointing):
             (getattr(model.decoder, "activation_checkpointing_disable", None) or model.decoder.gradient_checkpointing_disable)()
-        model.decoder.eval()
+        trainer.state.restore()  # dropout rates, train/eval flags and requires_grad as the model came
 
     records = []
     for (measure, name, seed), job in jobs.items():

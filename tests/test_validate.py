@@ -205,8 +205,12 @@ def test_side_by_side_workers_give_the_serial_numbers_and_are_deterministic():
     assert torch.get_num_threads() == _THREADS  # the intra-op threads are given back
     assert results[1] == results[2]  # bit for bit, whatever finished first
     for run in (1, 3):
-        for a, b in zip(results[0], results[run]):
-            assert a == pytest.approx(b, rel=1e-12)  # float64: only the threads' rounding differs
+        ref, loss, after = results[run]
+        assert loss == pytest.approx(results[0][1], rel=1e-12)  # float64: only the threads' rounding differs
+        for got, want in ((ref, results[0][0]), (after, results[0][2])):
+            assert got.keys() == want.keys()
+            for row in want:
+                assert got[row] == pytest.approx(want[row], rel=1e-12)
     assert results[0][2] != results[0][0]
 
 
