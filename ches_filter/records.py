@@ -170,8 +170,13 @@ class _Spool:
     A pair column keeps text or lists only: any other value (a number, an
     object) is stored as null, so the row gets its ``invalid_*`` status
     instead of refusing the file, as is a value whose kind (text or a list)
-    differs from the column's first. ``--id-column`` values keep their type
-    and must be of one kind. With ``names=None`` every column is kept.
+    differs from the column's first. A pair column of lists (messages) is
+    stored as each value's JSON text and decoded again on every read (a
+    ``datasets`` transform), so messages keep exactly the shape they were
+    written in: Arrow could not hold ``content`` that is text in one message
+    and a list of parts in another, and would add the keys one message lacks
+    as nulls. ``--id-column`` values keep their type and must be of one
+    kind. With ``names=None`` every column is kept.
     """
 
     def __init__(self, label: str, names: Sequence[str] | None, strict: Sequence[str]) -> None:
@@ -181,6 +186,7 @@ class _Spool:
         self.seen: dict[str, None] = {}  # every column, first appearance first
         self.values: dict[str, list] = {}
         self.first_kind: dict[str, tuple[str, str]] = {}
+        self.json_columns: set[str] = set()  # pair columns of lists, stored as JSON text
         self.rows = 0
         self.chunk_rows = 0
         self.tables: list[Any] = []
@@ -210,6 +216,9 @@ class _Spool:
                         )
                 elif kind not in ("text", "a list") or kind != first[0]:
                     value = None  # not a pair value: the row is scored invalid, not the file refused
+                elif kind == "a list":
+                    self.json_columns.add(name)
+                    value = json.dumps(value, ensure_ascii=False)
             column.append(value)
         self.chunk_rows += 1
         self.rows += 1
@@ -278,7 +287,24 @@ class _Spool:
         ds = datasets.Dataset.from_file(self.path, in_memory=False)
         absent = [name for name in ds.column_names if name not in self.seen]
         # Columns no row holds are left out (as if never asked for), unless none would remain to count the rows.
-        return ds.remove_columns(absent) if absent and len(absent) < len(ds.column_names) else ds
+        if absent and len(absent) < len(ds.column_names):
+            ds = ds.remove_columns(absent)
+        if self.json_columns:
+            ds.set_transform(_JsonColumns(self.json_columns))  # kept by select_columns and select
+        return ds
+
+
+class _JsonColumns:
+    """A ``datasets`` transform: decodes the pair columns :class:`_Spool` stored as JSON text."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = frozenset(names)
+
+    def __call__(self, batch: dict) -> dict:
+        return {
+            name: [None if v is None else json.loads(v) for v in values] if name in self.names else values
+            for name, values in batch.items()
+        }
 
 
 def _read_json_lines(label: str, files: list[str], wanted: Sequence[str] | None, stats: list) -> Records:

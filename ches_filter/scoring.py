@@ -200,7 +200,8 @@ def load_records(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
             )
     else:
         present = [c for c in dict.fromkeys(wanted) if c in ds.column_names]
-        sample = ds.select_columns(present).select(range(min(_SAMPLE_ROWS, len(ds)))).to_list()
+        head = ds.select_columns(present)[: min(_SAMPLE_ROWS, len(ds))]  # through the dataset's transform, if any
+        sample = [dict(zip(head, values)) for values in zip(*head.values())] if head else [{}] * min(_SAMPLE_ROWS, len(ds))
         try:
             layout = detect_layout(list(names), sample, columns)
         except BadDataError as exc:

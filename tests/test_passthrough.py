@@ -118,6 +118,31 @@ def test_jsonl_responses_are_scored_as_written(tmp_path):
     assert records.scored.column_names == ["prompt", "chosen", "rejected"]  # nothing else is parsed into types
 
 
+def test_jsonl_messages_are_read_in_the_shape_they_were_written(tmp_path):
+    """Conversational pair columns whose messages differ in shape across rows (content as text in one
+    message and a list of parts in another, a key one message has and another lacks, a value nested
+    under a part) are read back exactly as the JSON says, never unified into one Arrow type."""
+    rows = [
+        {"prompt": [{"role": "user", "content": "Name a fruit."}],
+         "chosen": [{"role": "assistant", "content": "Apple."}], "rejected": [{"role": "assistant", "content": "Chair."}]},
+        {"prompt": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                    {"role": "user", "name": "bob", "content": [{"type": "text", "text": "A colour?", "meta": {"n": 1}}]}],
+         "chosen": [{"role": "assistant", "content": "Blue."}], "rejected": [{"role": "assistant", "content": "Loud."}]},
+        {"prompt": [{"role": "user", "content": "2+2?"}],
+         "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
+         "rejected": [{"role": "assistant", "content": "5", "weight": 0.5}]},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    records, layout, columns = load_records(str(path), ScoreConfig())
+    ds = records.scored
+    wanted = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in rows]
+    assert [ds[i] for i in range(len(ds))] == wanted  # one row at a time
+    batch = ds.select_columns(["prompt"])[0:3]
+    assert batch["prompt"] == [row["prompt"] for row in rows]  # a slice of a column view
+    assert all(normalize_row(ds[i], layout, columns).status == "ok" for i in range(len(ds)))
+
+
 def test_jsonl_across_kinds_is_refused_in_one_line_with_nothing_written(tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"".join(_jsonl_lines()))
