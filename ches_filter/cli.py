@@ -445,6 +445,10 @@ def validate(input: str, output: str, scores: str | None, overwrite: bool, verbo
     validate_config, rest = _build(ValidateConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
+    if scores is not None:  # the same check as prune --scores, before anything is written
+        from .select import check_score_settings
+
+        check_score_settings(scores, config, _explicit(click.get_current_context(), ScoreConfig), command="validate")
     from .validate import run_validate
 
     summary = run_validate(input, output, validate_config, config, scores=scores, overwrite=overwrite)
