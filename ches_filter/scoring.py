@@ -319,7 +319,7 @@ class PairScorer:
             "counts": dict(sorted(counts.items())),
         }
 
-    def _chunks(self, ranges: Sequence[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
+    def _chunks(self, ranges: Iterable[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
         size = self.config.chunk_size
         release = _PageReleaser(self.ds)
         for first, stop in ranges:
@@ -330,7 +330,7 @@ class PairScorer:
 
     def score_ranges(
         self,
-        ranges: Sequence[tuple[int, int]],
+        ranges: Iterable[tuple[int, int]],
         *,
         on_chunk: Callable[[int, dict, int], None] | None = None,
         on_rows: Callable[[int], None] | None = None,
@@ -345,6 +345,8 @@ class PairScorer:
 
         Args:
             ranges: ``(start, stop)`` row ranges, half open; empty ones are skipped.
+                Read lazily, one chunk ahead of the scoring (a generator may
+                claim each range as it is asked for the next).
             on_chunk: called as ``on_chunk(start, chunk, rows)`` after each chunk
                 (``chunk`` maps the read column names to Python lists).
             on_rows: called with a row count as rows finish, after every
@@ -355,7 +357,13 @@ class PairScorer:
 
         view = self.ds.select_columns(self.read_names)
         layout, columns, encoder, max_length = self.layout, self.columns, self.encoder, self.max_length
-        pending_ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        pending_ranges: list[tuple[int, int]] = []
+
+        def taken() -> Iterator[tuple[int, int]]:
+            for a, b in ranges:
+                if b > a:
+                    pending_ranges.append((int(a), int(b)))
+                    yield int(a), int(b)
         batches: list[Any] = []
         special = SpecialRows()  # rows of the current range whose text holds special tokens
 
@@ -363,7 +371,7 @@ class PairScorer:
             return _prepare(start, chunk, layout, columns, encoder, max_length), chunk
 
         range_index = 0
-        for prepared, chunk in _prefetch(self._chunks(pending_ranges, view), prepare):
+        for prepared, chunk in _prefetch(self._chunks(taken(), view), prepare):
             batches.append(self._score_chunk(prepared, chunk, on_rows))
             special.add_rows(prepared.start, prepared.special)
             rows = len(prepared.statuses)
