@@ -8,6 +8,8 @@ the CLI refuse the same values with the same message. No torch import here:
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -82,6 +84,12 @@ class ScoreConfig:
         if len({self.prompt_column, self.chosen_column, self.rejected_column}) < 3:
             raise BadFlagError(
                 "`--prompt-column`, `--chosen-column` and `--rejected-column` must name three different columns"
+            )
+        if self.revision is not None and (self.model is None or os.path.exists(os.path.expanduser(self.model))):
+            where = "the embedded model" if self.model is None else f"the local path {self.model}"
+            raise BadFlagError(
+                f"`--revision {self.revision}` selects a Hub revision, but `--model` is {where}, which has none; "
+                "leave out `--revision`, or pass a Hub id (`owner/name`) as `--model`"
             )
         if self.device_map is not None and self.device not in ("auto",):
             raise BadFlagError("`--device-map` places the model itself; leave `--device` at auto when using it")

@@ -191,3 +191,31 @@ def test_out_of_range_numbers_are_one_line_exit_2(name, option, tmp_path, monkey
             result.exception, SystemExit), (value, result.output)
         assert option in result.output or option.lstrip("-") in result.output, (value, result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------- --revision where it cannot apply
+
+
+@pytest.mark.parametrize("command", ["score", "prune", "displacement", "validate"])
+@pytest.mark.parametrize("model", [None, "local-dir", "local-dir/model.gguf"])
+def test_revision_is_refused_for_the_embedded_model_or_a_local_path(tmp_path, monkeypatch, command, model):
+    """A Hub revision means nothing for the embedded model or a local directory/file: refused, not recorded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-dir").mkdir()
+    (tmp_path / "local-dir" / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = {"score": ["-o", "s.parquet"], "prune": ["--keep", "0.5", "-o", "p.jsonl"],
+           "displacement": ["-o", "d.parquet"], "validate": ["-o", "v"]}[command]
+    argv = [command, "in.jsonl", *out, "--revision", "v1.0", *(["--model", model] if model else [])]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert "`--revision v1.0`" in result.output and ("embedded" if model is None else model) in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_revision_is_kept_for_a_hub_id():
+    from ches_filter.config import ScoreConfig
+
+    assert ScoreConfig(model="owner/name", revision="v1.0").revision == "v1.0"

@@ -540,7 +540,7 @@ VALIDATE = ("validate", "base.jsonl", "-o", "vout", "--scores", "s.parquet")
     (["--dtype", "bfloat16"], "--dtype"),
     (["--engine", "plain"], "--engine"),
     (["--attn-implementation", "eager"], "--attn-implementation"),
-    (["--revision", "v2"], "--revision"),
+    (["--model", "other/model", "--revision", "v2"], "--revision"),
     # a flag set to its default value is still given, and it differs from the file here
     (["--max-length", "512"], "--max-length"),
 ])
