@@ -556,6 +556,21 @@ def check_scores_belong(meta: dict, score_rows: int, ds: Any, layout: str, colum
         )
 
 
+def scores_identity(meta: dict, num_rows: int) -> dict:
+    """What identifies a score file's values: its input, row count, model and scoring settings.
+
+    ``validate`` records it in its ``summary.json``; ``report SCORES --validate DIR``
+    compares it with SCORES, so verdicts are never shown beside another file's scores.
+    """
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    return {
+        "input_fingerprint": meta.get("input_fingerprint"), "num_rows": int(num_rows),
+        "model": model.get("model"), "revision": model.get("revision"), "gguf_sha256": model.get("gguf_sha256"),
+        "dtype": model.get("dtype"), "token_layout": meta.get("token_layout"),
+        "use_chat_template": meta.get("use_chat_template"), "max_length": meta.get("max_length"),
+    }
+
+
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
     from .io import METADATA_KEY

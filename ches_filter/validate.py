@@ -699,7 +699,7 @@ def _run_locked(
     from .batching import PairEncoder
     from .formats import normalize_row
     from .io import read_table
-    from .scoring import check_scores_belong, load_input
+    from .scoring import check_scores_belong, load_input, scores_identity
 
     from .run.workdir import WorkDir, default_work_dir
 
@@ -852,6 +852,7 @@ def _run_locked(
         "kind": "validate",
         "input": inputs[0] if inputs else None,
         "scores": os.fspath(scores) if scores is not None else own_scores,
+        "scores_identity": scores_identity(meta, table.num_rows),  # report --validate checks it
         "model": model.info,
         "token_layout": score_config.layout,
         "logprob_path": "packed" if trainer.packed else "plain",

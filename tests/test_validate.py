@@ -437,6 +437,11 @@ def test_cli_runs_scores_and_is_deterministic(tmp_path, tiny_model_dir):
     # The report shows the validate results; a directory without them is refused before anything is written.
     rep = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep"), "--validate", str(out)])
     assert rep.exit_code == 0, rep.output
+    # Another input's scores beside these verdicts are refused (validate recorded which scores it ranked by).
+    golden = str(Path(__file__).parent / "golden" / "hh300_scores.parquet")
+    other = runner.invoke(main, ["report", golden, "-o", str(tmp_path / "rep2"), "--validate", str(out)])
+    assert other.exit_code == 1 and "other scores than SCORES" in other.output, other.output
+    assert not (tmp_path / "rep2").exists()
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "Validate: DPO on subsets" in html and "verdict (ches)" in html and html.count("data:image/png") == 3
     (tmp_path / "not_validate").mkdir()  # (tmp_path itself holds rep2: a path clash, exit 2)
