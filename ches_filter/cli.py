@@ -55,19 +55,49 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, torchrun stopping its ranks), unwound like Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM unwind like SIGINT, so temporaries are removed on the way out; returns the old handler.
+
+    Only in the main thread (where Python delivers signals); None elsewhere.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
+
+
 def _guarded(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and the documented exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = _terminate_like_interrupt()
         try:
             return fn(*args, **kwargs)
         except ChesFilterError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except _Terminated:
+            click.echo("Terminated.", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 

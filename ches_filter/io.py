@@ -844,6 +844,38 @@ def _sibling(path: str, tag: str) -> str:
     return os.path.join(parent, f".{name}.{tag}-{socket.gethostname()}-{os.getpid()}")
 
 
+def _remove_stale_siblings(path: str, tag: str = "tmp") -> None:
+    """Delete ``path``'s temporaries left by killed runs on this host (their pid is gone).
+
+    A run killed by SIGKILL (or by SIGTERM before it could clean up) leaves
+    ``.NAME.tmp-HOST-PID``; the next run writing the same path removes it.
+    Temporaries of live processes, and of other hosts (which cannot be
+    checked), are left alone.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.{tag}-{socket.gethostname()}-"
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):] if entry.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (ours or not): not stale
+        except PermissionError:
+            continue
+        except (ProcessLookupError, OverflowError):
+            pass
+        try:
+            _remove(os.path.join(parent, entry))
+            logger.info("removed %s, left by an earlier run that was killed", os.path.join(parent, entry))
+        except OSError as exc:
+            logger.warning("could not remove the stale temporary %s: %s", os.path.join(parent, entry), exc)
+
+
 def _mount_point(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.ismount(path):
@@ -982,6 +1014,7 @@ def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
         for tmp, path in zip(tmps, named):
             with writing(path):
                 _remove(tmp)  # left behind by a killed run that had the same host and pid
+            _remove_stale_siblings(path)  # ... or by killed runs with other pids
         yield tmps
         for tmp, path in zip(tmps, named):
             if not os.path.lexists(tmp):
