@@ -268,6 +268,7 @@ def _read_hub(source: str, *, split: str | None, subset: str | None) -> "dataset
     import datasets
 
     logger.info("no local path %s; loading it as a Hub dataset", source)
+    check_datasets_cache()
     try:
         return datasets.load_dataset(source, subset, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - network, auth, config and split errors alike
@@ -276,6 +277,42 @@ def _read_hub(source: str, *, split: str | None, subset: str | None) -> "dataset
             f"dataset failed ({_reason(exc)}); check the path, or the Hub id, "
             "`--subset` and `--split`."
         ) from exc
+
+
+def _datasets_cache_variable() -> str:
+    """The environment variable that decides where datasets caches: the first of these that is set."""
+    for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        if os.environ.get(name):
+            return name
+    return "HOME"
+
+
+def check_datasets_cache() -> None:
+    """Refuse a datasets cache that cannot be written, naming it and the variable that sets it.
+
+    ``datasets`` converts every input to Arrow files in its cache first; on a
+    read-only HOME, or with ``HF_DATASETS_CACHE`` naming a file, its error
+    would otherwise read as a problem of the input.
+    """
+    import datasets
+
+    cache = os.fspath(datasets.config.HF_DATASETS_CACHE)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", cache)
+        probe = _sibling(os.path.join(cache, "write-check"), "probe")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        variable = _datasets_cache_variable()
+        raise ChesFilterError(
+            f"the datasets cache {cache} cannot be written ({exc.strerror or exc}); datasets converts every input "
+            f"there first, and its location comes from {variable}"
+            + ("" if variable == "HF_DATASETS_CACHE" else " (HF_DATASETS_CACHE overrides it)")
+            + ": set HF_DATASETS_CACHE to a writable directory"
+        ) from None
 
 
 def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
@@ -287,6 +324,7 @@ def _read_files(label: str, files: list[str], kind: str) -> "datasets.Dataset":
             _validate_json_file(path)
         elif kind != "parquet" and not os.access(path, os.R_OK):
             raise BadDataError(f"cannot read {path}: permission denied; check its permissions.")
+    check_datasets_cache()
     if kind == "parquet":
         # The datasets parquet loader fails on a zero-row file ("BatchSize
         # must be greater than 0"), so leave such files out up front.

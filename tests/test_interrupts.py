@@ -71,3 +71,52 @@ def test_the_next_run_removes_stale_temporaries_of_killed_runs(workspace):
     assert not any(p.exists() for p in stale)
     assert live.exists() and other_host.exists() and unrelated.exists()
     assert (workspace / "out.jsonl").exists() and (workspace / "rej.jsonl").exists()
+
+
+# ------------------------------------------------ an unwritable datasets cache is not the input's fault
+
+
+def _cache_at(monkeypatch, cache, variable):
+    """Point datasets' cache at ``cache`` as the environment ``variable`` would (datasets reads it at import)."""
+    import datasets
+
+    for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, str(cache))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache if variable == "HF_DATASETS_CACHE"
+                        else cache / ".cache" / "huggingface" / "datasets")
+
+
+@pytest.mark.parametrize("variable", ["HF_DATASETS_CACHE", "HOME"])
+def test_an_unwritable_datasets_cache_is_named_with_its_variable(workspace, monkeypatch, variable):
+    blocker = workspace / "not-a-directory"
+    blocker.write_text("a file where the cache should be")
+    _cache_at(monkeypatch, blocker, variable)
+    before = sorted(p.name for p in workspace.iterdir())
+    result = CliRunner().invoke(main, PRUNE)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert "in.jsonl" not in line and "could not be read" not in line  # the input is fine
+    assert str(blocker) in line and variable in line and "HF_DATASETS_CACHE" in line
+    assert len(line.splitlines()) == 1 and "Traceback" not in line
+    assert sorted(p.name for p in workspace.iterdir()) == before
+
+
+@pytest.mark.slow
+def test_a_read_only_home_is_named_not_the_input(workspace, monkeypatch):
+    """HOME on a read-only file system (a read-only tmpfs; root only, skipped where mounting is not allowed)."""
+    import subprocess
+
+    home = workspace / "home"
+    home.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(home)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        _cache_at(monkeypatch, home, "HOME")
+        result = CliRunner().invoke(main, PRUNE)
+        assert result.exit_code == 1, result.output
+        assert "Read-only file system" in result.output and "HOME" in result.output
+        assert "in.jsonl" not in result.output
+    finally:
+        subprocess.run(["umount", str(home)], check=True)
