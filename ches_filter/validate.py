@@ -558,6 +558,19 @@ def _discard_work(scores_path: str) -> None:
             _remove(path)
 
 
+def _discard_outputs(output_dir: str) -> None:
+    """Delete a finished run's outputs and own scores from OUT_DIR (``--overwrite``, about to score again)."""
+    from .io import _remove, writing
+
+    for name in (*OUTPUT_FILES, "scores.parquet"):
+        path = os.path.join(output_dir, name)
+        if os.path.lexists(path):
+            with writing(path):
+                _remove(path)
+    logger.info("replacing the run in %s; if this run is interrupted, the same command without --overwrite "
+                "resumes it", output_dir)
+
+
 def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite: bool) -> bool:
     """Refuse an OUT_DIR that clashes with an input, exists without ``overwrite`` or is not a directory.
 
@@ -733,6 +746,10 @@ def _run_locked(
         scoring = dataclasses.replace(score_config, measures=wanted)
         if overwrite:
             _discard_work(own_scores)  # an earlier run's parts: start over
+            # ... and its outputs and scores, now that this run is about to score: interrupted from here on,
+            # OUT_DIR holds only this run's work, which the same command without --overwrite resumes
+            # (never new scores beside the old run's summary, table and plot).
+            _discard_outputs(output_dir)
         t0 = time.perf_counter()
         try:
             score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite, progress=progress)

@@ -762,3 +762,31 @@ def test_paths_validate_refuses_or_keeps(tmp_path, monkeypatch):
         result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--scores", str(GOLDEN)])
         assert result.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(result), result.output
         assert (out / name / inner).read_text() == "keep"
+
+
+def test_overwrite_interrupted_after_scoring_resumes_without_overwrite(tmp_path, tiny_model_dir, monkeypatch):
+    """`validate --overwrite` killed after its scoring leaves no new scores beside the old run's outputs,
+    and the same command without --overwrite resumes it, reusing the finished scoring."""
+    import pyarrow.parquet as pq
+
+    from ches_filter import validate as validate_module
+
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), *SMALL]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    finished = pq.read_table(out / "validate.parquet")
+    original = validate_module._Trainer.train
+    monkeypatch.setattr(validate_module._Trainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    interrupted = CliRunner().invoke(main, [*args, "--overwrite", "--measures", "ches,ln_ches,edit_distance"])
+    assert interrupted.exit_code == 130, interrupted.output
+    monkeypatch.setattr(validate_module._Trainer, "train", original)
+    # Only the new run's work: its scores (with the new measure) and their parts; no old summary, table or plot.
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "scores.parquet.parts"]
+    assert "edit_distance" in pq.read_table(out / "scores.parquet").column_names
+    scored = (out / "scores.parquet").stat().st_mtime_ns
+    resumed = CliRunner().invoke(main, [*args, "--measures", "ches,ln_ches,edit_distance"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "scores.parquet").stat().st_mtime_ns == scored  # the finished scoring was reused
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "summary.json", "validate.parquet", "validate.png"]
+    assert pq.read_table(out / "validate.parquet").equals(finished)  # same ranking measures, same seed
