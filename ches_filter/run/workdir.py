@@ -4,7 +4,7 @@ Layout (datatrove style; default ``OUTPUT.parts/``)::
 
     manifest.json                          what is computed: flags, model, input fingerprint, grid
     parts/000000000000-000000001000.rank-00000.parquet    rows [0, 1000), written by worker 0
-    stats/rank-00000.json                  per worker and run: parts assigned/skipped/written, rows, seconds
+    stats/rank-00000.json                  per worker and run: parts of its own share/skipped/written, rows, seconds
     completions/shard-00000-of-00001.json  shard 0 of 1 has every one of its parts
     locks/shard-00000-of-00001.lock        held by the running process of that shard (pid, host)
     claims/shard-00000-of-00001-LAUNCH/000000000000-000000001000
