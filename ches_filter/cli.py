@@ -55,19 +55,49 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
         pass
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, torchrun stopping its ranks), unwound like Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> Any:
+    """Make SIGTERM unwind like SIGINT, so temporaries are removed on the way out; returns the old handler.
+
+    Only in the main thread (where Python delivers signals); None elsewhere.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
+
+
 def _guarded(fn: Callable) -> Callable:
     """Turn library errors into one line on stderr and the documented exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        previous = _terminate_like_interrupt()
         try:
             return fn(*args, **kwargs)
         except ChesFilterError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except _Terminated:
+            click.echo("Terminated.", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        finally:
+            if previous is not None:
+                import signal
+
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -99,11 +129,11 @@ def score_options(fn: Callable) -> Callable:
         click.option("--layout", type=click.Choice(TOKEN_LAYOUTS.names()), default="paper", show_default=True, help="Response tokens: " + "; ".join(f"{t.name} = {t.description}" for t in TOKEN_LAYOUTS.values()) + "."),
         click.option("--measures", default=",".join(DEFAULT_MEASURES), show_default=True, help="Comma-separated columns to compute: " + ", ".join(MEASURES.names()) + "."),
         click.option("--on-special-tokens", type=click.Choice(SPECIAL_TOKEN_MODES), default="keep", show_default=True, help="Rows whose text holds the tokenizer's special tokens (e.g. <|im_end|>, read as control tokens, as TRL does): keep = score, warn with the count; flag = score, add a bool column special_tokens; drop = status special_tokens, unscored."),
-        click.option("--max-length", type=int, default=None, help="Pairs longer than this (prompt + longest response, tokens) get status too_long. Default: the model's context."),
-        click.option("--max-batch-tokens", type=int, default=None, help="Padded tokens per forward pass. Default: 512 on CPU, 65536 on CUDA."),
-        click.option("--engine-workers", type=int, default=None, help="Forward passes in flight at once, each on its own thread. Default: on CPU one per core (up to 4, each single-threaded), on CUDA 1."),
-        click.option("--max-batch-size", type=int, default=None, help="Optional cap on pairs per forward pass."),
-        click.option("--chunk-size", type=int, default=4096, show_default=True, help="Rows read, tokenized and length-sorted together."),
+        click.option("--max-length", type=click.IntRange(min=1), default=None, help="Pairs longer than this (prompt + longest response, tokens) get status too_long. Default: the model's context."),
+        click.option("--max-batch-tokens", type=click.IntRange(min=1), default=None, help="Padded tokens per forward pass. Default: 512 on CPU, 65536 on CUDA."),
+        click.option("--engine-workers", type=click.IntRange(min=1), default=None, help="Forward passes in flight at once, each on its own thread. Default: on CPU one per core (up to 4, each single-threaded), on CUDA 1."),
+        click.option("--max-batch-size", type=click.IntRange(min=1), default=None, help="Optional cap on pairs per forward pass."),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Rows read, tokenized and length-sorted together."),
         click.option("--quiet", "-q", is_flag=True, default=False, help="No progress bar or info logs."),
         click.option("--verbose", "-v", is_flag=True, default=False, help="Debug logs."),
     ]
@@ -177,7 +207,7 @@ def job_options(fn: Callable) -> Callable:
     """Options of the resumable pipeline shared by every command that scores (names = JobConfig fields)."""
     options = [
         click.option("--work-dir", default=None, help="Where parts and the manifest go while scoring. Default: OUTPUT.parts"),
-        click.option("--checkpoint-every", type=int, default=DEFAULT_CHECKPOINT_EVERY, show_default=True, help="Rows per part written to the work dir: the most a crash can cost per process."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help=f"Rows per part written to the work dir: the most a crash can cost per process. Default: {DEFAULT_CHECKPOINT_EVERY}, or about 1/32 of the rows (at least 8) for smaller inputs, so every process gets parts."),
         click.option("--keep-work-dir", is_flag=True, default=False, help="Keep the work dir after the output is written."),
     ]
     for option in reversed(options):
@@ -190,8 +220,8 @@ def job_options(fn: Callable) -> Callable:
 @click.option("--output", "-o", required=True, help="Score file to write (.parquet).")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
 @job_options
-@click.option("--num-shards", type=int, default=1, show_default=True, help="Split the rows into this many independent jobs (e.g. a Slurm array); join with `ches-filter merge`.")
-@click.option("--shard-index", type=int, default=None, help="Which shard this job scores, 0 .. num-shards-1.")
+@click.option("--num-shards", type=click.IntRange(min=1), default=1, show_default=True, help="Split the rows into this many independent jobs (e.g. a Slurm array); join with `ches-filter merge`.")
+@click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which shard this job scores, 0 .. num-shards-1.")
 @score_options
 @_guarded
 def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any) -> None:
@@ -266,8 +296,8 @@ def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quie
 @main.command()
 @click.argument("input")
 @click.option("--output", "-o", required=True, help="Pruned dataset: .jsonl, .csv, .parquet, or a directory (save_to_disk); the input's own kind keeps its records as they are.")
-@click.option("--keep", type=float, default=None, help="Fraction of scored (status ok) rows to keep, in (0, 1].")
-@click.option("--keep-count", type=int, default=None, help="Number of scored rows to keep.")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=None, help="Fraction of scored (status ok) rows to keep, in (0, 1].")
+@click.option("--keep-count", type=click.IntRange(min=0), default=None, help="Number of scored rows to keep.")
 @click.option("--max-score", type=float, default=None, help="Keep rows no riskier than this: score <= T (>= T for a lower-is-riskier measure such as edit_distance).")
 @click.option("--by", type=click.Choice(MEASURES.names()), default="ln_ches", show_default=True, help=_BY_HELP)
 @click.option("--scores", default=None, help="Reuse a score file from `ches-filter score` for this INPUT.")
@@ -335,10 +365,10 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
 @click.argument("scores")
 @click.option("--output", "-o", required=True, help="Report directory to create (summary.json, histogram.png, length.png, report.html).")
 @click.option("--data", default=None, help="The INPUT that was scored, to show prompt/response excerpts of the extreme pairs.")
-@click.option("--keep", type=float, multiple=True, default=(0.95, 0.9, 0.8), show_default=True, help="Fractions whose prune threshold is listed and drawn (repeatable).")
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), multiple=True, default=(0.95, 0.9, 0.8), show_default=True, help="Fractions whose prune threshold is listed and drawn (repeatable).")
 @click.option("--by", type=click.Choice(MEASURES.names()), default="ln_ches", show_default=True, help=_BY_HELP)
-@click.option("--top", type=int, default=20, show_default=True, help="How many highest- and lowest-scoring pairs to list.")
-@click.option("--excerpt-chars", type=int, default=400, show_default=True, help="Characters of each prompt/response excerpt.")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="How many highest- and lowest-scoring pairs to list.")
+@click.option("--excerpt-chars", type=click.IntRange(min=1), default=400, show_default=True, help="Characters of each prompt/response excerpt.")
 @click.option("--split", default=None, help="Split of --data, as for `score`.")
 @click.option("--subset", default=None, help="Configuration (subset) of a Hub --data.")
 @click.option("--validate", "validate_dir", default=None, help="An OUTPUT directory of `ches-filter validate`: adds its table, verdicts and plot.")
@@ -367,11 +397,11 @@ def report(scores: str, output: str, data: str | None, validate_dir: str | None,
 @main.command()
 @click.argument("input")
 @click.option("--output", "-o", default=None, help="Per-pair results to write (.parquet). Without it only the table is printed.")
-@click.option("--sample", type=int, default=64, show_default=True, help="Pairs drawn at random from the scorable rows.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draw.")
-@click.option("--steps", type=int, default=0, show_default=True, help="Also take this many real DPO (SGD) steps per pair, from the same initial model.")
-@click.option("--lr", type=float, default=1e-5, show_default=True, help="SGD learning rate of the real steps.")
-@click.option("--beta", type=float, default=0.1, show_default=True, help="DPO beta of the real steps.")
+@click.option("--sample", type=click.IntRange(min=1), default=64, show_default=True, help="Pairs drawn at random from the scorable rows.")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Seed of the draw.")
+@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True, help="Also take this many real DPO (SGD) steps per pair, from the same initial model.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True, help="SGD learning rate of the real steps.")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="DPO beta of the real steps.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace OUTPUT if it exists.")
 @score_options
 @_guarded
@@ -415,15 +445,15 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
 @click.option("--by", default="ches,ln_ches", show_default=True, help="Comma-separated measures that rank the pairs, each in its risk direction: " + ", ".join(f"{m.name} ({'higher' if m.higher_is_riskier else 'lower'} = riskier)" for m in MEASURES.values()) + ".")
 @click.option("--subsets", default="top,bottom,random", show_default=True, help="Comma-separated: top (riskiest n), bottom (safest n), median (n around the median), random (seeded; trained once for every measure).")
 @click.option("--quantiles", default=None, help="Also n-pair slices centred on these quantiles of the risk ranking (0 = safest, 1 = riskiest), e.g. 0,0.5,1.")
-@click.option("--subset-size", type=int, default=64, show_default=True, help="Pairs per subset (n).")
-@click.option("--eval-size", type=int, default=64, show_default=True, help="Held-out pairs (seeded, in no subset) whose change is measured too.")
-@click.option("--repeats", type=int, default=1, show_default=True, help="Seeds per subset, at most 1000: each draws another batch order (the subsets and the eval set stay those of --seed); >1 gives the seed spread.")
-@click.option("--epochs", type=int, default=1, show_default=True, help="Passes over each subset.")
-@click.option("--beta", type=float, default=0.1, show_default=True, help="DPO beta (reference = the initial model).")
+@click.option("--subset-size", type=click.IntRange(min=1), default=64, show_default=True, help="Pairs per subset (n).")
+@click.option("--eval-size", type=click.IntRange(min=1), default=64, show_default=True, help="Held-out pairs (seeded, in no subset) whose change is measured too.")
+@click.option("--repeats", type=click.IntRange(1, 1000), default=1, show_default=True, help="Seeds per subset, at most 1000: each draws another batch order (the subsets and the eval set stay those of --seed); >1 gives the seed spread.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True, help="Passes over each subset.")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="DPO beta (reference = the initial model).")
 @click.option("--optimizer", type=click.Choice(("adam", "rmsprop", "sgd")), default="adam", show_default=True, help="adam and rmsprop with torch's defaults besides --lr.")
-@click.option("--lr", type=float, default=5e-6, show_default=True, help="Learning rate (the default suits adam; see docs/validate.md).")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Pairs per optimizer step (mean loss over the batch).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the eval draw, the random subset and the batch order.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-6, show_default=True, help="Learning rate (the default suits adam; see docs/validate.md).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per optimizer step (mean loss over the batch).")
+@click.option("--seed", type=click.IntRange(0, 2**64 - 1), default=0, show_default=True, help="Seed of the eval draw, the random subset and the batch order.")
 @click.option("--gradient-checkpointing", is_flag=True, default=False, help="Recompute activations in the backward pass: less memory, slower.")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace a finished run in OUTPUT and start over (scoring too); without it, the same command resumes an unfinished run there.")
 @score_options
@@ -442,6 +472,10 @@ def validate(input: str, output: str, scores: str | None, overwrite: bool, verbo
     validate_config, rest = _build(ValidateConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
+    if scores is not None:  # the same check as prune --scores, before anything is written
+        from .select import check_score_settings
+
+        check_score_settings(scores, config, _explicit(click.get_current_context(), ScoreConfig), command="validate")
     from .validate import run_validate
 
     summary = run_validate(input, output, validate_config, config, scores=scores, overwrite=overwrite)

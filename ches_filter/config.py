@@ -8,6 +8,8 @@ the CLI refuse the same values with the same message. No torch import here:
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import asdict, dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
@@ -93,6 +95,12 @@ class ScoreConfig:
                     f"({', '.join(own_columns())}); copy or rename that input column (e.g. to `{self.id_column}_id`) "
                     "and pass the new name"
                 )
+        if self.revision is not None and (self.model is None or os.path.exists(os.path.expanduser(self.model))):
+            where = "the embedded model" if self.model is None else f"the local path {self.model}"
+            raise BadFlagError(
+                f"`--revision {self.revision}` selects a Hub revision, but `--model` is {where}, which has none; "
+                "leave out `--revision`, or pass a Hub id (`owner/name`) as `--model`"
+            )
         if self.device_map is not None and self.device not in ("auto",):
             raise BadFlagError("`--device-map` places the model itself; leave `--device` at auto when using it")
 
@@ -118,9 +126,22 @@ def _measures(value) -> str:
     return ",".join(m for m in MEASURES.names() if m in names)
 
 
-#: Default rows per checkpoint part: a few minutes of a 7B model on one GPU,
-#: and enough parts to keep 8 GPUs busy from about 30k pairs up.
+#: Default rows per checkpoint part for large inputs: a few minutes of a 7B model on one GPU.
 DEFAULT_CHECKPOINT_EVERY = 1000
+#: Smaller inputs are cut into at least this many parts by default, so every process of a
+#: launch gets work (parts of at least MIN_AUTO_PART_ROWS rows, to keep batches full).
+AUTO_PARTS = 32
+MIN_AUTO_PART_ROWS = 8
+
+
+def default_part_rows(num_rows: int) -> int:
+    """The default ``--checkpoint-every`` for an input of ``num_rows`` rows (depends on nothing else).
+
+    ``min(1000, max(8, ceil(num_rows / 32)))``: 1000 from 32,000 rows up, else
+    about 32 parts. Only the row count decides it, so a resume with another
+    number of processes cuts the same grid.
+    """
+    return min(DEFAULT_CHECKPOINT_EVERY, max(MIN_AUTO_PART_ROWS, -(-int(num_rows) // AUTO_PARTS)))
 
 
 @dataclass
@@ -132,20 +153,27 @@ class JobConfig:
     Attributes:
         work_dir: directory for parts, manifest and stats (default ``OUTPUT.parts``).
         checkpoint_every: rows per part: the most work a crash can cost per process.
+            None (the default): :func:`default_part_rows` of the input's row count.
         num_shards: independent jobs the rows are split into (``ches-filter merge`` joins them).
         shard_index: which of them this process is, ``0 .. num_shards-1``.
         keep_work_dir: keep the work directory after the output is assembled.
     """
 
     work_dir: str | None = None
-    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    checkpoint_every: int | None = None
     num_shards: int = 1
     shard_index: int | None = None
     keep_work_dir: bool = False
 
+    def part_rows(self, num_rows: int) -> int:
+        """Rows per part for an input of ``num_rows`` rows: ``checkpoint_every``, or its default."""
+        return self.checkpoint_every if self.checkpoint_every is not None else default_part_rows(num_rows)
+
     def __post_init__(self) -> None:
         for flag in ("checkpoint_every", "num_shards"):
             value = getattr(self, flag)
+            if flag == "checkpoint_every" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise BadFlagError(f"`--{flag.replace('_', '-')}` must be a positive whole number, got {value!r}")
         if self.shard_index is None:
@@ -260,8 +288,7 @@ class DisplacementConfig:
 
     def __post_init__(self) -> None:
         _positive("sample", self.sample)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise BadFlagError(f"`--seed` must be a whole number, got {self.seed!r}")
+        _whole("seed", self.seed, 0, 2**64 - 1)  # numpy refuses a negative seed with a traceback
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
             raise BadFlagError(f"`--steps` must be 0 or more, got {self.steps!r}")
         for flag in ("lr", "beta"):

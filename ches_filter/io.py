@@ -341,6 +341,7 @@ def _read_hub(source: str, *, split: str | None, subset: str | None) -> "dataset
     import datasets
 
     logger.info("no local path %s; loading it as a Hub dataset", source)
+    check_datasets_cache()
     try:
         return datasets.load_dataset(source, subset, split=split or "train")
     except Exception as exc:  # noqa: BLE001 - network, auth, config and split errors alike
@@ -349,6 +350,43 @@ def _read_hub(source: str, *, split: str | None, subset: str | None) -> "dataset
             f"dataset failed ({_reason(exc)}); check the path, or the Hub id, "
             "`--subset` and `--split`."
         ) from exc
+
+
+def _datasets_cache_variable() -> str:
+    """The environment variable that decides where datasets caches: the first of these that is set."""
+    for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        if os.environ.get(name):
+            return name
+    return "HOME"
+
+
+def check_datasets_cache() -> None:
+    """Refuse a datasets cache that cannot be written, naming it and the variable that sets it.
+
+    ``datasets`` downloads and converts a Hub dataset into its cache (local
+    files are read without it); on a read-only HOME, or with
+    ``HF_DATASETS_CACHE`` naming a file, its error would otherwise read as a
+    problem of the dataset id.
+    """
+    import datasets
+
+    cache = os.fspath(datasets.config.HF_DATASETS_CACHE)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        if not os.access(cache, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable", cache)
+        probe = _sibling(os.path.join(cache, "write-check"), "probe")
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        variable = _datasets_cache_variable()
+        raise ChesFilterError(
+            f"the datasets cache {cache} cannot be written ({exc.strerror or exc}); datasets keeps a Hub dataset "
+            f"there, and its location comes from {variable}"
+            + ("" if variable == "HF_DATASETS_CACHE" else " (HF_DATASETS_CACHE overrides it)")
+            + ": set HF_DATASETS_CACHE to a writable directory"
+        ) from None
 
 
 def _read_files(label: str, files: list[str], kind: str) -> "Records":
@@ -701,6 +739,38 @@ def _sibling(path: str, tag: str) -> str:
     return os.path.join(parent, f".{name}.{tag}-{socket.gethostname()}-{os.getpid()}")
 
 
+def _remove_stale_siblings(path: str, tag: str = "tmp") -> None:
+    """Delete ``path``'s temporaries left by killed runs on this host (their pid is gone).
+
+    A run killed by SIGKILL (or by SIGTERM before it could clean up) leaves
+    ``.NAME.tmp-HOST-PID``; the next run writing the same path removes it.
+    Temporaries of live processes, and of other hosts (which cannot be
+    checked), are left alone.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}.{tag}-{socket.gethostname()}-"
+    try:
+        entries = os.listdir(parent or ".")
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix):] if entry.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # alive (ours or not): not stale
+        except PermissionError:
+            continue
+        except (ProcessLookupError, OverflowError):
+            pass
+        try:
+            _remove(os.path.join(parent, entry))
+            logger.info("removed %s, left by an earlier run that was killed", os.path.join(parent, entry))
+        except OSError as exc:
+            logger.warning("could not remove the stale temporary %s: %s", os.path.join(parent, entry), exc)
+
+
 def _mount_point(path: str) -> str:
     path = os.path.abspath(path)
     while not os.path.ismount(path):
@@ -839,6 +909,7 @@ def atomic_paths(paths: Sequence[str]) -> Iterator[list[str]]:
         for tmp, path in zip(tmps, named):
             with writing(path):
                 _remove(tmp)  # left behind by a killed run that had the same host and pid
+            _remove_stale_siblings(path)  # ... or by killed runs with other pids
         yield tmps
         for tmp, path in zip(tmps, named):
             if not os.path.lexists(tmp):

@@ -675,6 +675,34 @@ def _foreign_to_report(path: str) -> list[str]:
     return foreign_files(path, REPORT_FILES.__contains__)
 
 
+def check_validate_belongs(validate_dir: str, loaded: "_Scores") -> None:
+    """Refuse a validate OUT_DIR whose verdicts were computed from other scores than ``loaded``.
+
+    ``validate`` records the identity of the scores it ranked by
+    (:func:`~ches_filter.scoring.scores_identity`); a summary written before it
+    did cannot be checked and is shown with a warning.
+    """
+    from .scoring import scores_identity
+
+    path = os.path.join(os.fspath(validate_dir), "summary.json")
+    with open(path, encoding="utf-8") as handle:
+        summary = json.load(handle)
+    recorded = summary.get("scores_identity")
+    if not isinstance(recorded, dict):
+        logger.warning("%s records no identity of the scores it ranked by (written by an older ches-filter), so "
+                       "it cannot be checked against SCORES; make sure SCORES is %s", path, summary.get("scores"))
+        return
+    current = scores_identity(loaded.meta, loaded.table.num_rows)
+    differ = [f"{key} {recorded.get(key)!r} there, {current.get(key)!r} here"
+              for key in current if key in recorded and recorded.get(key) != current.get(key)]
+    if differ:
+        raise BadDataError(
+            f"`--validate` {validate_dir}: its verdicts were computed from other scores than SCORES ("
+            + "; ".join(differ) + f"); pass the score file it ranked by ({summary.get('scores')}), "
+            "or a validate OUT_DIR run on SCORES"
+        )
+
+
 def build_report(scores: Any, output_dir: str, config: ReportConfig | None = None, *, data: Any = None,
                  overwrite: bool = False, validate: str | None = None) -> dict:
     """Write ``summary.json``, ``histogram.png``, ``length.png`` and ``report.html`` into ``output_dir``.
@@ -702,6 +730,8 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     # Read before the scores are: a directory that is not validate's is refused before minutes of plotting.
     section = validate_section(validate) if validate is not None else None
     loaded = _load_scores(scores)
+    if validate is not None:
+        check_validate_belongs(validate, loaded)
     summary = summarize(loaded, config)
     excerpts = None
     if data is not None:

@@ -356,7 +356,7 @@ class PairScorer:
             "counts": dict(sorted(counts.items())),
         }
 
-    def _chunks(self, ranges: Sequence[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
+    def _chunks(self, ranges: Iterable[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
         size = self.config.chunk_size
         release = _PageReleaser(self.ds)
         for first, stop in ranges:
@@ -367,7 +367,7 @@ class PairScorer:
 
     def score_ranges(
         self,
-        ranges: Sequence[tuple[int, int]],
+        ranges: Iterable[tuple[int, int]],
         *,
         on_chunk: Callable[[int, dict, int], None] | None = None,
         on_rows: Callable[[int], None] | None = None,
@@ -382,6 +382,8 @@ class PairScorer:
 
         Args:
             ranges: ``(start, stop)`` row ranges, half open; empty ones are skipped.
+                Read lazily, one chunk ahead of the scoring (a generator may
+                claim each range as it is asked for the next).
             on_chunk: called as ``on_chunk(start, chunk, rows)`` after each chunk
                 (``chunk`` maps the read column names to Python lists).
             on_rows: called with a row count as rows finish, after every
@@ -392,7 +394,13 @@ class PairScorer:
 
         view = self.ds.select_columns(self.read_names)
         layout, columns, encoder, max_length = self.layout, self.columns, self.encoder, self.max_length
-        pending_ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        pending_ranges: list[tuple[int, int]] = []
+
+        def taken() -> Iterator[tuple[int, int]]:
+            for a, b in ranges:
+                if b > a:
+                    pending_ranges.append((int(a), int(b)))
+                    yield int(a), int(b)
         batches: list[Any] = []
         special = SpecialRows()  # rows of the current range whose text holds special tokens
 
@@ -400,7 +408,7 @@ class PairScorer:
             return _prepare(start, chunk, layout, columns, encoder, max_length), chunk
 
         range_index = 0
-        for prepared, chunk in _prefetch(self._chunks(pending_ranges, view), prepare):
+        for prepared, chunk in _prefetch(self._chunks(taken(), view), prepare):
             batches.append(self._score_chunk(prepared, chunk, on_rows))
             special.add_rows(prepared.start, prepared.special)
             rows = len(prepared.statuses)
@@ -585,6 +593,21 @@ def check_scores_belong(meta: dict, score_rows: int, ds: Any, layout: str, colum
         raise BadDataError(
             f"`{flag}`: the score file does not belong to this input (it is not the input it scored: the rows differ); {fix}"
         )
+
+
+def scores_identity(meta: dict, num_rows: int) -> dict:
+    """What identifies a score file's values: its input, row count, model and scoring settings.
+
+    ``validate`` records it in its ``summary.json``; ``report SCORES --validate DIR``
+    compares it with SCORES, so verdicts are never shown beside another file's scores.
+    """
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    return {
+        "input_fingerprint": meta.get("input_fingerprint"), "num_rows": int(num_rows),
+        "model": model.get("model"), "revision": model.get("revision"), "gguf_sha256": model.get("gguf_sha256"),
+        "dtype": model.get("dtype"), "token_layout": meta.get("token_layout"),
+        "use_chat_template": meta.get("use_chat_template"), "max_length": meta.get("max_length"),
+    }
 
 
 def table_metadata(table: Any) -> dict:

@@ -374,7 +374,13 @@ def _score_settings(config: ScoreConfig, meta: dict) -> dict[str, tuple[Any, Any
     return pairs
 
 
-def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] | tuple[str, ...]) -> None:
+#: Settings ``validate --scores`` compares even at their defaults: it trains this model on
+#: subsets ranked by the file's scores, over the tokens of this layout and template.
+TRAINED_SETTINGS = ("model", "revision", "no_chat_template", "layout")
+
+
+def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] | tuple[str, ...], *,
+                         command: str = "prune") -> None:
     """Refuse scoring flags given with ``--scores`` that the score file was not computed with.
 
     With ``--scores`` nothing is rescored, so a scoring flag that differs
@@ -388,6 +394,9 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
         scores: path of the score file.
         config: the scoring settings as given now.
         explicit: the :class:`ScoreConfig` fields the user set explicitly.
+        command: ``prune`` or ``validate``; ``validate`` also compares
+            :data:`TRAINED_SETTINGS` when left at their defaults, because it
+            trains that model on the file's ranking.
 
     Raises:
         BadFlagError: naming every differing flag, its value now and in the file.
@@ -399,7 +408,8 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
     _, meta = read_table(str(scores))
     settings = _score_settings(config, meta)
     problems = []
-    for name in explicit:
+    names = list(dict.fromkeys([*explicit, *(TRAINED_SETTINGS if command == "validate" else ())]))
+    for name in names:
         if name in FREE_SCORE_SETTINGS or name not in settings:
             continue
         given, stored = settings[name]
@@ -407,6 +417,14 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
             continue
         shown = {"no_chat_template": lambda v: "given" if v else "not given"}.get(name, repr)
         problems.append(f"`--{name.replace('_', '-')}` {shown(given)} now, {shown(stored)} in the score file")
+    if problems and command == "validate":
+        raise BadFlagError(
+            f"`--scores` {scores} was computed with other settings than the flags given now ("
+            + "; ".join(problems)
+            + "); validate trains the model on subsets ranked by these scores, so the model, its tokens and "
+            "the scoring flags must be the file's: pass the file's settings (or drop the flags), or leave out "
+            "`--scores` to score INPUT with these flags."
+        )
     if problems:
         raise BadFlagError(
             f"`--scores` {scores} was computed with other settings than the flags given now ("

@@ -581,6 +581,29 @@ def plot(summary: dict) -> bytes | None:
 # ------------------------------------------------------------------ pipeline
 #: The files a finished run leaves in OUT_DIR, written together (:func:`_write_outputs`).
 OUTPUT_FILES = ("validate.parquet", "summary.json", "validate.png")
+#: Where ``--overwrite`` scores while a finished run is kept whole (hidden, so OUT_DIR stays ours).
+NEW_SCORES = ".scores.new.parquet"
+
+
+def _score_beside(data: Any, path: str, scoring: ScoreConfig, progress: bool | None) -> None:
+    """Score into ``path`` next to a finished run, resuming an interrupted ``--overwrite`` run's scoring there.
+
+    Scoring left there by a run with other flags or input is discarded and redone.
+    """
+    from .config import JobConfig
+    from .io import _remove, writing
+    from .run import score_to_file
+
+    try:
+        score_to_file(data, path, scoring, JobConfig(keep_work_dir=True), overwrite=False, progress=progress)
+        return
+    except BadFlagError as exc:
+        logger.info("discarding the scoring an earlier --overwrite run left in %s (%s)", path, exc)
+    _discard_work(path)
+    if os.path.lexists(path):
+        with writing(path):
+            _remove(path)
+    score_to_file(data, path, scoring, JobConfig(keep_work_dir=True), overwrite=True, progress=progress)
 
 
 def _entry_kind(output_dir: str, name: str) -> bool | None:
@@ -661,7 +684,8 @@ def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite:
     return resume
 
 
-def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, png: bytes | None) -> None:
+def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, png: bytes | None,
+                   new_scores: str | None = None) -> None:
     """``validate.parquet``, ``summary.json`` and ``validate.png``: all of them or none.
 
     Each goes to a temporary sibling first; only when every one is on disk are
@@ -679,6 +703,8 @@ def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, p
     ]
     if png is not None:
         files.append(("validate.png", lambda tmp: _write_file(tmp, png)))
+    if new_scores is not None:  # the scores of an --overwrite run replace the old ones with the rest
+        files.append(("scores.parquet", lambda tmp: os.replace(new_scores, tmp)))
     paths = [os.path.join(output_dir, name) for name, _ in files]
     with atomic_paths(paths) as tmps:
         for (_, write), tmp, path in zip(files, tmps, paths):
@@ -813,12 +839,13 @@ def _run_locked(
     from .batching import PairEncoder
     from .formats import normalize_row
     from .io import read_table
-    from .scoring import check_scores_belong, load_input
+    from .scoring import check_scores_belong, load_input, scores_identity
 
     from .run.workdir import WorkDir, default_work_dir
 
     phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
     own_scores = os.path.join(output_dir, "scores.parquet")
+    scores_path = own_scores  # where this run's own scoring goes (NEW_SCORES beside a finished run)
     if resume and os.listdir(output_dir) != ["locks"]:
         logger.info("%s holds an unfinished run: resuming it (its finished scoring is reused)", output_dir)
     ds, layout, columns = load_input(data, score_config)
@@ -847,9 +874,17 @@ def _run_locked(
         scoring = dataclasses.replace(score_config, measures=wanted)
         if overwrite:
             _discard_work(own_scores)  # an earlier run's parts: start over
+        if overwrite and any(os.path.lexists(os.path.join(output_dir, name)) for name in OUTPUT_FILES):
+            # A finished run stays whole until this run's outputs replace it (scores.parquet with them):
+            # score beside it, and resume that scoring when the same command is rerun after an interruption.
+            scores_path = os.path.join(output_dir, NEW_SCORES)
         t0 = time.perf_counter()
         try:
-            score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite, progress=progress)
+            if scores_path != own_scores:
+                _score_beside(data, scores_path, scoring, progress)
+            else:
+                score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite,
+                              progress=progress)
         except BadFlagError as exc:
             if not resume:
                 raise
@@ -861,8 +896,8 @@ def _run_locked(
         phases["scoring"] = time.perf_counter() - t0
         # Until the outputs are written, a `score` into OUT_DIR/scores.parquet must not replace the scores
         # this run trains on, nor delete the parts a rerun resumes from.
-        held.append(WorkDir(default_work_dir(own_scores)).acquire(0, 1))
-        table, meta = read_table(own_scores)
+        held.append(WorkDir(default_work_dir(scores_path)).acquire(0, 1))
+        table, meta = read_table(scores_path)
         plan = plan_subsets(table, config)
 
     if model is None:
@@ -975,6 +1010,7 @@ def _run_locked(
         "kind": "validate",
         "input": inputs[0] if inputs else None,
         "scores": os.fspath(scores) if scores is not None else own_scores,
+        "scores_identity": scores_identity(meta, table.num_rows),  # report --validate checks it
         "model": model.info,
         "token_layout": score_config.layout,
         "logprob_path": "packed" if trainer.packed else "plain",
@@ -993,14 +1029,15 @@ def _run_locked(
     png = plot(summary)
     summary["seconds"] = time.perf_counter() - started
     meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
-    _write_outputs(output_dir, out_table, meta_out, summary, png)
+    _write_outputs(output_dir, out_table, meta_out, summary, png,
+                   new_scores=scores_path if scores_path != own_scores else None)
     # The scoring's parts, kept until now for a rerun after a failure; with --scores, an earlier
     # unfinished run's scores, which this finished run did not use.
     for lock in held:
         WorkDir.release(lock, remove_dir=False)
     held.clear()
     if scores is None:
-        WorkDir(default_work_dir(own_scores)).remove()
+        WorkDir(default_work_dir(scores_path)).remove()
     elif os.path.realpath(scores) != os.path.realpath(own_scores) and (
         os.path.lexists(own_scores) or os.path.lexists(default_work_dir(own_scores))
     ):

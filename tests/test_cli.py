@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -126,3 +127,95 @@ def test_bad_data_is_one_line_on_stderr_even_when_a_library_logs_it(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"Error: {path} line 1 has the key 'chosen' twice in one object; keep one of them (JSON objects need unique keys)."
     ]
+
+
+# ------------------------------------------------- every numeric flag has a range
+
+
+def _numeric_options():
+    """(command, option) for every int/float option of every command."""
+    from ches_filter.cli import main
+
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and isinstance(param.type, (click.types._NumberParamTypeBase)):
+                yield name, command, param
+
+
+#: Numeric flags that take any finite number.
+UNBOUNDED = {("prune", "--max-score")}
+
+
+def _argv(command, param, value):
+    """A command line that is complete but for the one bad value (click parses options before running)."""
+    argv = [command.name]
+    for other in command.params:
+        if isinstance(other, click.Argument):
+            argv.append("x")
+        elif other.required and other is not param:
+            argv += [other.opts[0], "x"]
+    return argv + [param.opts[0], value]
+
+
+def test_every_numeric_flag_of_every_command_has_a_click_range():
+    seen = list(_numeric_options())
+    assert len(seen) > 20
+    for name, _, param in seen:
+        if (name, param.opts[0]) in UNBOUNDED:
+            continue
+        assert isinstance(param.type, (click.IntRange, click.FloatRange)), f"{name} {param.opts[0]} has no click range"
+
+
+@pytest.mark.parametrize("name, option", [(n, p.opts[0]) for n, _, p in _numeric_options()])
+def test_out_of_range_numbers_are_one_line_exit_2(name, option, tmp_path, monkeypatch):
+    """Below the minimum, above the maximum, NaN and infinity: exit 2 naming the flag, never a traceback."""
+    monkeypatch.chdir(tmp_path)
+    command, param = next((c, p) for n, c, p in _numeric_options() if n == name and p.opts[0] == option)
+    kind = param.type
+    bad = ["nan"] if isinstance(kind, click.types.FloatParamType) or isinstance(kind, click.FloatRange) else []
+    if isinstance(kind, click.FloatRange):
+        bad += ["inf", "-inf"]
+    if getattr(kind, "min", None) is not None:
+        bad.append(str(kind.min - 1 if isinstance(kind, click.IntRange) else kind.min - 0.5))
+        if isinstance(kind, click.FloatRange) and kind.min_open:
+            bad.append(str(kind.min))
+    if getattr(kind, "max", None) is not None:
+        bad.append(str(kind.max + 1 if isinstance(kind, click.IntRange) else kind.max + 0.5))
+    if not bad:
+        assert (name, option) in UNBOUNDED
+        bad = ["nan"]
+    for value in bad:
+        result = CliRunner().invoke(main, _argv(command, param, value))
+        assert result.exit_code == 2, (value, result.output)
+        assert "Traceback" not in result.output and not isinstance(result.exception, Exception) or isinstance(
+            result.exception, SystemExit), (value, result.output)
+        assert option in result.output or option.lstrip("-") in result.output, (value, result.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written
+
+
+# ------------------------------------------------- --revision where it cannot apply
+
+
+@pytest.mark.parametrize("command", ["score", "prune", "displacement", "validate"])
+@pytest.mark.parametrize("model", [None, "local-dir", "local-dir/model.gguf"])
+def test_revision_is_refused_for_the_embedded_model_or_a_local_path(tmp_path, monkeypatch, command, model):
+    """A Hub revision means nothing for the embedded model or a local directory/file: refused, not recorded."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "local-dir").mkdir()
+    (tmp_path / "local-dir" / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = {"score": ["-o", "s.parquet"], "prune": ["--keep", "0.5", "-o", "p.jsonl"],
+           "displacement": ["-o", "d.parquet"], "validate": ["-o", "v"]}[command]
+    argv = [command, "in.jsonl", *out, "--revision", "v1.0", *(["--model", model] if model else [])]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2, result.output
+    assert "`--revision v1.0`" in result.output and ("embedded" if model is None else model) in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_revision_is_kept_for_a_hub_id():
+    from ches_filter.config import ScoreConfig
+
+    assert ScoreConfig(model="owner/name", revision="v1.0").revision == "v1.0"

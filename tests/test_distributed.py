@@ -167,12 +167,15 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, hh30, flags, reference):
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_table(pq.read_table(out), reference)
     work = WorkDir(str(out) + ".parts")
-    stamps = sorted(os.path.basename(p).split(".")[1] for p in work.scan_parts().values())
-    assert stamps == ["rank-00000"] * 4 + ["rank-00001"] * 4  # 8 parts, split in two contiguous runs
+    written = {}
     for worker in (0, 1):
         with open(work.stats_path(worker)) as handle:
             run = json.load(handle)["runs"][-1]
-        assert (run["world_size"], run["rank"], run["parts_written"], run["finished"]) == (2, worker, 4, True)
+        assert (run["world_size"], run["rank"], run["parts_own_share"], run["finished"]) == (2, worker, 4, True)
+        written[worker] = run["parts_written"]
+    # 8 parts, each written once, by whichever rank claimed it; both ranks start on their own share.
+    assert len(os.listdir(work.parts_dir)) == 8 and sum(written.values()) == 8 and min(written.values()) >= 1
+    assert not os.path.exists(os.path.join(work.path, "claims"))  # claims go once every part exists
 
 
 @pytest.mark.slow
@@ -190,5 +193,107 @@ def test_torchrun_resumes_and_shares_out_what_is_left(tmp_path, hh30, flags, ref
     for worker in (0, 1):
         with open(work.stats_path(worker)) as handle:
             runs[worker] = json.load(handle)["runs"][-1]
-    assert [(r["parts_skipped"], r["parts_written"]) for r in runs.values()] == [(2, 3), (2, 3)]
+    assert [r["parts_skipped"] for r in runs.values()] == [2, 2]
+    assert sum(r["parts_written"] for r in runs.values()) == 6 and min(r["parts_written"] for r in runs.values()) >= 1
     assert {k: v for k, v in work.scan_parts().items() if k in first} == first
+
+
+# ------------------------------------------------------------ every process gets work
+
+
+@pytest.mark.parametrize("rows, every", [(0, 8), (1, 8), (40, 8), (300, 10), (1000, 32), (31_999, 1000),
+                                         (32_000, 1000), (10**7, 1000)])
+def test_default_part_size_follows_the_row_count_only(rows, every):
+    from ches_filter.config import default_part_rows
+
+    assert default_part_rows(rows) == every == JobConfig().part_rows(rows)
+    assert JobConfig(checkpoint_every=5).part_rows(rows) == 5
+    if rows >= 16:  # enough rows: at least two parts, so two processes both get work
+        assert len(part_grid(rows, every)) >= 2
+
+
+def _plans(work, todo, world, launch="L"):
+    """The plans two (or more) ranks of one launch would get from rank 0."""
+    claims = work.claims_dir(0, 1, launch)
+    return [{"todo": todo, "mine": shard_slice(todo, rank, world), "claims": claims} for rank in range(world)]
+
+
+def test_ranks_claim_each_part_once_first_come_first_served(tmp_path):
+    from ches_filter.run.pipeline import _claimed
+
+    work = WorkDir(str(tmp_path / "w"))
+    todo = part_grid(40, 8)  # 5 parts
+    slow, fast = (_claimed(work, plan, Topology()) for plan in _plans(work, todo, 2))
+    got_slow = [next(slow)]  # the slow rank starts on its share (parts 0-1) ...
+    got_fast = list(fast)  # ... the fast rank does its share (2-4), then takes over what nobody started
+    got_slow += list(slow)
+    assert got_slow == [(0, 8)] and got_fast == [(16, 24), (24, 32), (32, 40), (8, 16)]
+    assert sorted(got_slow + got_fast) == todo
+    # A rank that starts late finds its whole share taken and scores nothing twice.
+    work2 = WorkDir(str(tmp_path / "w2"))
+    early, late = (_claimed(work2, plan, Topology()) for plan in _plans(work2, todo, 2))
+    assert list(early) == [(0, 8), (8, 16), (40 - 8, 40), (24, 32), (16, 24)] and list(late) == []
+
+
+def test_claims_are_exclusive_across_processes(tmp_path):
+    """O_EXCL: of many workers racing for the same parts, exactly one gets each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = WorkDir(str(tmp_path / "w"))
+    claims = work.claims_dir(0, 1, "race")
+    parts = part_grid(200, 1)
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda _: [p for p in parts if work.claim(claims, *p)], range(8)))
+    assert sorted(p for w in won for p in w) == parts
+
+
+def test_a_new_launch_forgets_the_claims_of_a_killed_one(tmp_path):
+    work = WorkDir(str(tmp_path / "w"))
+    old = work.claims_dir(0, 1, "killed")
+    other_shard = work.claims_dir(1, 2, "running")
+    assert work.claim(old, 0, 8) and work.claim(other_shard, 0, 8)
+    work.remove_claims(0, 1)
+    assert not os.path.exists(old) and os.path.exists(other_shard)  # another shard's launch keeps its claims
+    assert work.claim(work.claims_dir(0, 1, "new"), 0, 8)
+
+
+def _single(args, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "ches_filter", "score", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_two_ranks_on_40_rows_both_score_and_equal_one_process(tmp_path, monkeypatch):
+    """The issue's run: torchrun with 2 ranks on 40 rows and the default part size (the embedded model).
+
+    Both ranks score rows. Against one process with one thread, as each rank has under torchrun,
+    the output is bit for bit the same; against one process with this test's own thread count it
+    agrees to float32 rounding of the terms (docs/distributed.md).
+    """
+    from test_golden import TermSpy, float_mismatches
+
+    data = tmp_path / "hh40.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(40)), encoding="utf-8")
+    out, one = tmp_path / "two.parquet", tmp_path / "one.parquet"
+    done = _torchrun([data, "-o", out, "-q", "--keep-work-dir"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    work = WorkDir(str(out) + ".parts")
+    assert work.read_manifest()["grid"] == {"num_rows": 40, "checkpoint_every": 8}
+    rows = {}
+    for worker in (0, 1):
+        with open(work.stats_path(worker)) as handle:
+            rows[worker] = json.load(handle)["runs"][-1]["rows_scored"]
+    assert rows[0] > 0 and rows[1] > 0 and rows[0] + rows[1] == 40
+    single = _single([data, "-o", one, "-q"], threads=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert same_table(pq.read_table(out), pq.read_table(one))
+    spy = TermSpy(monkeypatch)
+    here = invoke("score", data, "-o", tmp_path / "here.parquet", "-q")
+    assert here.exit_code == 0, here.output
+    reference = pq.read_table(tmp_path / "here.parquet")
+    got = pq.read_table(out)
+    for name in ("row_index", "prompt_tokens", "chosen_tokens", "rejected_tokens", "status"):
+        assert got.column(name).to_pylist() == reference.column(name).to_pylist()
+    spy.terms.pop("last_hidden_ip")  # not among score's default measures
+    assert float_mismatches(got, reference, spy) == []

@@ -546,6 +546,7 @@ def golden(tmp_path, monkeypatch):
 
 
 PRUNE = ("prune", "base.jsonl", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.jsonl")
+VALIDATE = ("validate", "base.jsonl", "-o", "vout", "--scores", "s.parquet")
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -562,20 +563,22 @@ PRUNE = ("prune", "base.jsonl", "--keep", "0.5", "--scores", "s.parquet", "-o", 
     (["--dtype", "bfloat16"], "--dtype"),
     (["--engine", "plain"], "--engine"),
     (["--attn-implementation", "eager"], "--attn-implementation"),
-    (["--revision", "v2"], "--revision"),
+    (["--model", "other/model", "--revision", "v2"], "--revision"),
     # a flag set to its default value is still given, and it differs from the file here
     (["--max-length", "512"], "--max-length"),
 ])
-def test_scoring_flag_differing_from_the_score_file_is_refused(golden, flags, named):
+@pytest.mark.parametrize("command", [PRUNE, VALIDATE], ids=["prune", "validate"])
+def test_scoring_flag_differing_from_the_score_file_is_refused(golden, flags, named, command):
     before = snapshot(golden)
-    result = invoke(*PRUNE, *flags)
+    result = invoke(*command, *flags)
     assert result.exit_code == 2, result.output
     assert f"`{named}`" in result.output and "score file" in result.output and "Traceback" not in result.output
     assert snapshot(golden) == before
 
 
-def test_every_differing_flag_is_named_at_once(golden):
-    result = invoke(*PRUNE, "--layout", "trl", "--max-length", "2", "--model", "other/model", "--device", "cpu")
+@pytest.mark.parametrize("command", [PRUNE, VALIDATE], ids=["prune", "validate"])
+def test_every_differing_flag_is_named_at_once(golden, command):
+    result = invoke(*command, "--layout", "trl", "--max-length", "2", "--model", "other/model", "--device", "cpu")
     assert result.exit_code == 2
     for flag in ("--layout", "--max-length", "--model"):
         assert f"`{flag}`" in result.output
@@ -594,6 +597,26 @@ def test_matching_or_free_flags_are_accepted(golden, flags):
     result = invoke(*PRUNE, *flags)
     assert result.exit_code == 0, result.output
     assert "kept:     150" in result.output
+
+
+def test_validate_scores_of_another_model_are_refused_even_with_the_default_model(golden):
+    """validate trains its --model on the file's ranking: a file scored by another model is refused
+    although --model was left at its default (prune, which trains nothing, accepts it)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(golden / "s.parquet")
+    meta = json.loads(table.schema.metadata[b"ches_filter"])
+    meta["model"]["model"] = "google/gemma-3-270m"
+    meta["use_chat_template"] = False
+    pq.write_table(table.replace_schema_metadata({b"ches_filter": json.dumps(meta)}), golden / "g.parquet")
+    before = snapshot(golden)
+    result = invoke("validate", "base.jsonl", "-o", "vout", "--scores", "g.parquet")
+    assert result.exit_code == 2, result.output
+    assert "`--model`" in result.output and "google/gemma-3-270m" in result.output and "validate trains" in result.output
+    assert "Traceback" not in result.output and snapshot(golden) == before
+    assert invoke("prune", "base.jsonl", "--keep", "0.5", "--scores", "g.parquet", "-o", "out.jsonl").exit_code == 0
 
 
 def test_every_score_setting_is_either_free_or_compared():

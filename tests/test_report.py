@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ches_filter.cli import main
 from ches_filter.config import PruneConfig, ReportConfig
@@ -104,6 +106,15 @@ def test_rank_correlation_known_values():
     assert rank_correlation([1, None, 3, float("nan"), 5, 6], [1, 9, 2, 9, 3, 4]) == pytest.approx(1.0)
     assert rank_correlation([1, 1, 1], [1, 2, 3]) is None
     assert rank_correlation([1, 2], [1, 2]) is None
+
+
+@given(st.lists(st.integers(-3, 3), min_size=1, max_size=40))
+def test_average_ranks_give_ties_the_mean_of_their_ranks(values):
+    from ches_filter.stats import average_ranks
+
+    # By definition: 1 + (number of smaller values) + (number of equal values - 1) / 2.
+    want = [1 + sum(w < v for w in values) + (sum(w == v for w in values) - 1) / 2 for v in values]
+    assert average_ranks(values).tolist() == want
 
 
 def test_rank_correlation_matches_scipy():

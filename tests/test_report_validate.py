@@ -47,7 +47,18 @@ def validate_summary(config: ValidateConfig | None = None) -> dict:
         "model": {"revision": None, "model": "tiny"}, "token_layout": "chat", "logprob_path": "plain",
         "autocast": None, "config": dataclasses.asdict(config), "eval_rows": [10, 11], "trainings": len(jobs),
         "seconds": 12.5, "phase_seconds": {"train": 3.0}, "subsets": subsets, "verdicts": verdicts(subsets, config),
+        "scores_identity": golden_identity(),
     }
+
+
+def golden_identity() -> dict:
+    """The identity validate records for the scores it ranked by: here SCORES's."""
+    import pyarrow.parquet as pq
+
+    from ches_filter.scoring import scores_identity, table_metadata
+
+    table = pq.read_table(SCORES)
+    return scores_identity(table_metadata(table), table.num_rows)
 
 
 def make_vdir(path: Path, summary=None, *, text: str | None = None) -> Path:
@@ -246,3 +257,32 @@ def test_report_accepts_nan_infinity_and_nulls_in_a_validate_summary(tmp_path):
     assert result.exit_code == 0, result.output
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert ">nan<" in page and ">inf<" in page and ">-inf<" in page and str(10**30) in page
+
+
+# ------------------------------------------------ the verdicts must belong to SCORES
+@pytest.mark.parametrize("key, value", [
+    ("input_fingerprint", "0" * 64),  # another input's scores
+    ("num_rows", 299),
+    ("model", "google/gemma-3-270m"),  # the same input scored by another model
+    ("token_layout", "trl"),
+    ("use_chat_template", False),
+])
+def test_report_refuses_verdicts_computed_from_other_scores(tmp_path, key, value):
+    summary = validate_summary()
+    summary["scores_identity"][key] = value
+    vdir = make_vdir(tmp_path / "v", summary)
+    before = listing(tmp_path)
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 1, result.output
+    line = _error_line(result)
+    assert "other scores than SCORES" in line and key in line and "scores.parquet" in line
+    assert listing(tmp_path) == before  # nothing written
+
+
+def test_report_warns_when_a_summary_cannot_be_checked(tmp_path, caplog):
+    summary = validate_summary()
+    del summary["scores_identity"]  # written before validate recorded it
+    vdir = make_vdir(tmp_path / "v", summary)
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 0, result.output
+    assert "cannot be checked against SCORES" in result.output + caplog.text

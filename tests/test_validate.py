@@ -441,6 +441,11 @@ def test_cli_runs_scores_and_is_deterministic(tmp_path, tiny_model_dir):
     # The report shows the validate results; a directory without them is refused before anything is written.
     rep = runner.invoke(main, ["report", str(out / "scores.parquet"), "-o", str(tmp_path / "rep"), "--validate", str(out)])
     assert rep.exit_code == 0, rep.output
+    # Another input's scores beside these verdicts are refused (validate recorded which scores it ranked by).
+    golden = str(Path(__file__).parent / "golden" / "hh300_scores.parquet")
+    other = runner.invoke(main, ["report", golden, "-o", str(tmp_path / "rep2"), "--validate", str(out)])
+    assert other.exit_code == 1 and "other scores than SCORES" in other.output, other.output
+    assert not (tmp_path / "rep2").exists()
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "Validate: DPO on subsets" in html and "verdict (ches)" in html and html.count("data:image/png") == 3
     (tmp_path / "not_validate").mkdir()  # (tmp_path itself holds rep2: a path clash, exit 2)
@@ -463,8 +468,8 @@ def _error_line(result) -> str:
 @pytest.mark.parametrize("args, code, pattern", [
     (["--subset-size", "4", "--batch-size", "8"], 2, "smaller than `--batch-size 8`"),
     (["--subsets", "top,worst"], 2, "`--subsets` got worst"),
-    (["--lr", "0"], 2, "`--lr` must be a positive number"),
-    (["--lr", "-1e-6"], 2, "`--lr` must be a positive number"),
+    (["--lr", "0"], 2, r"'--lr': 0.0 is not in the range x>0"),
+    (["--lr", "-1e-6"], 2, r"'--lr': -1e-06 is not in the range x>0"),
     (["--subset-size", "140", "--eval-size", "20", "--subsets", "top,bottom"], 1, "has 299 scored .* needs 300"),
     (["--subset-size", "200"], 1, "has 300 rows but validate needs at least 464"),
 ])
@@ -616,8 +621,8 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
         assert result.exit_code == 1, result.output
         assert "no space left on" in _error_line(result) and failing in _error_line(result)
         assert {name: (out / name).read_bytes() for name in names} == earlier, failing
-        # No temporaries, no lock; the scoring's parts stay for the rerun.
-        assert sorted(p.name for p in out.iterdir()) == sorted(["scores.parquet", "scores.parquet.parts", *names])
+        # No temporaries, no lock; the new scoring's parts stay beside the earlier run for the rerun.
+        assert sorted(p.name for p in out.iterdir()) == sorted([".scores.new.parquet.parts", "scores.parquet", *names])
     monkeypatch.setattr(io_module, "_fsync_tree", real_fsync)
     result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
     assert result.exit_code == 0, result.output
@@ -761,3 +766,34 @@ def test_paths_validate_refuses_or_keeps(tmp_path, monkeypatch):
         result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--scores", str(GOLDEN)])
         assert result.exit_code == 2 and "exists; pass `--overwrite`" in _error_line(result), result.output
         assert (out / name / inner).read_text() == "keep"
+
+
+def test_overwrite_interrupted_after_scoring_keeps_the_old_run_and_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    """`validate --overwrite` killed after its scoring leaves the old run whole (no new scores beside the old
+    summary), and the same command resumes it, reusing the finished scoring."""
+    import pyarrow.parquet as pq
+
+    from ches_filter import scoring
+    from ches_filter import validate as validate_module
+
+    data = _hh_subset(tmp_path)
+    out = tmp_path / "out"
+    args = ["validate", data, "-o", str(out), "--model", str(tiny_model_dir), *SMALL]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    finished = pq.read_table(out / "validate.parquet")
+    old = {name: (out / name).read_bytes() for name in ("scores.parquet", "summary.json", "validate.parquet")}
+    original = validate_module._Trainer.train
+    monkeypatch.setattr(validate_module._Trainer, "train", lambda self, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    again = [*args, "--overwrite", "--measures", "ches,ln_ches,edit_distance"]
+    interrupted = CliRunner().invoke(main, again)
+    assert interrupted.exit_code == 130, interrupted.output
+    monkeypatch.setattr(validate_module._Trainer, "train", original)
+    assert {name: (out / name).read_bytes() for name in old} == old  # the old run, whole
+    assert "edit_distance" in pq.read_table(out / validate_module.NEW_SCORES).column_names  # the new scoring, beside
+    # The same command reuses the finished scoring: no scorer is built again.
+    monkeypatch.setattr(scoring, "build_scorer", lambda *a, **k: pytest.fail("scored again"))
+    resumed = CliRunner().invoke(main, again)
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "summary.json", "validate.parquet", "validate.png"]
+    assert "edit_distance" in pq.read_table(out / "scores.parquet").column_names  # the new scores replaced the old
+    assert pq.read_table(out / "validate.parquet").equals(finished)  # same ranking measures, same seed

@@ -12,9 +12,17 @@ metadata exist once:
   written atomically to the work directory, so a part on disk is always
   complete. A rerun of the same command skips the parts already there:
   SIGKILL at any moment costs at most the one part in flight per process.
-* The grid does not depend on how many processes run, and a part always splits
-  into the same chunks and batches, so a resumed, sharded or data-parallel run
-  writes bit for bit the scores of one uninterrupted process.
+* The grid depends on the input's row count and ``--checkpoint-every`` only,
+  never on how many processes run, and a part always splits into the same
+  chunks and batches. So a resumed or rerun job, or one split over processes
+  with the same threads per process on the same hardware, writes bit for bit
+  the scores of one uninterrupted process; other thread counts or hardware
+  agree to float32 rounding of the terms (docs/distributed.md).
+* Under ``torchrun`` each rank first claims the parts of its own contiguous
+  share, then takes over parts of the others' shares that nobody has claimed
+  yet, first come first served, through claim files created with ``O_EXCL``
+  in ``WORK/claims/`` (:meth:`WorkDir.claim`): a slow rank does not hold the
+  others back, and no part is scored twice.
 * Rank 0 of each shard holds the shard's lock for the whole run; a second run
   on the same work directory is refused at once and writes nothing.
 * A rerun whose model, input or score-affecting flags differ from the
@@ -154,22 +162,28 @@ def _settle_manifest(work: WorkDir, manifest: dict | None, wanted: dict, group: 
     return manifest
 
 
-def _plan(work: WorkDir, num_rows: int, job: JobConfig, group: Group) -> dict:
+def _plan(work: WorkDir, num_rows: int, every: int, group: Group) -> dict:
     """This shard's parts, which are done, which are left, and this rank's share of those.
 
     Rank 0 lists the directory and sends the plan, so every rank of a launch
     works from the same listing even on a lagging network file system.
     """
     topology = group.topology
-    shard = shard_slice(part_grid(num_rows, job.checkpoint_every), topology.shard_index, topology.num_shards)
+    shard = shard_slice(part_grid(num_rows, every), topology.shard_index, topology.num_shards)
     plan = None
     if topology.rank == 0:
         present = work.scan_parts()
+        launch = uuid.uuid4().hex
         plan = {
             "done": [p for p in shard if p in present],
             "todo": [p for p in shard if p not in present],
-            "key": f"ches_filter/progress/{uuid.uuid4().hex}",
+            "key": f"ches_filter/progress/{launch}",
+            "claims": None,
         }
+        if topology.world_size > 1:
+            # This shard's lock is held, so claims of its earlier launches are stale.
+            work.remove_claims(topology.shard_index, topology.num_shards)
+            plan["claims"] = work.claims_dir(topology.shard_index, topology.num_shards, launch)
     plan = group.broadcast(plan)
     plan["shard"] = shard
     plan["done"] = [tuple(p) for p in plan["done"]]
@@ -178,7 +192,7 @@ def _plan(work: WorkDir, num_rows: int, job: JobConfig, group: Group) -> dict:
     return plan
 
 
-def _log_plan(plan: dict, work: WorkDir, job: JobConfig, topology: Topology) -> str:
+def _log_plan(plan: dict, work: WorkDir, every: int, topology: Topology) -> str:
     where = f"shard {topology.shard_index} of {topology.num_shards}: " if topology.num_shards > 1 else ""
     done, shard, todo = plan["done"], plan["shard"], plan["todo"]
     if done:
@@ -186,10 +200,27 @@ def _log_plan(plan: dict, work: WorkDir, job: JobConfig, topology: Topology) -> 
                     where, len(done), len(shard), _rows(done), work.path, len(todo))
     else:
         logger.info("%s%d parts of up to %d rows to score; partial results go to %s",
-                    where, len(shard), job.checkpoint_every, work.path)
+                    where, len(shard), every, work.path)
     if topology.world_size > 1:
-        logger.info("rank %d of %d scores %d parts", topology.rank, topology.world_size, len(plan["mine"]))
+        logger.info("rank %d of %d starts on its %d parts, then takes over parts the other ranks have not started",
+                    topology.rank, topology.world_size, len(plan["mine"]))
     return where
+
+
+def _claimed(work: WorkDir, plan: dict, topology: Topology) -> Iterator[tuple[int, int]]:
+    """The parts this rank scores, claimed one at a time as the scorer asks for the next.
+
+    Its own share first, in order; then, from the last part backwards, the
+    parts of the other ranks' shares that nobody has claimed (their owners
+    work forwards, so they meet in the middle). One process: no claims.
+    """
+    if plan.get("claims") is None:
+        yield from plan["mine"]
+        return
+    mine = set(plan["mine"])
+    for part in plan["mine"] + [p for p in reversed(plan["todo"]) if p not in mine]:
+        if work.claim(plan["claims"], *part):
+            yield part
 
 
 def _score_parts(scorer: Any, work: WorkDir, plan: dict, group: Group, show: bool) -> dict:
@@ -204,14 +235,14 @@ def _score_parts(scorer: Any, work: WorkDir, plan: dict, group: Group, show: boo
         "started": now(), "host": socket.gethostname(), "pid": os.getpid(),
         "rank": topology.rank, "world_size": topology.world_size,
         "shard_index": topology.shard_index, "num_shards": topology.num_shards,
-        "parts_in_shard": len(plan["shard"]), "parts_skipped": len(plan["done"]), "parts_assigned": len(plan["mine"]),
+        "parts_in_shard": len(plan["shard"]), "parts_skipped": len(plan["done"]), "parts_own_share": len(plan["mine"]),
         "parts_written": 0, "rows_scored": 0, "counts": {}, "seconds": 0.0, "finished": False,
     }
     runs.append(run)
     work.write_stats(topology.worker, runs)
     t0 = time.time()
     try:
-        for start, stop, table in scorer.score_ranges(plan["mine"], on_rows=bar.advance):
+        for start, stop, table in scorer.score_ranges(_claimed(work, plan, topology), on_rows=bar.advance):
             work.write_part(table, start, stop, topology.worker)
             run["parts_written"] += 1
             run["rows_scored"] += stop - start
@@ -310,7 +341,8 @@ def _run(data, config, job, work, group, *, output, overwrite, model, progress, 
     if topology.rank == 0:
         group.barrier()
     fingerprint = input_fingerprint(ds, layout, columns, config.chunk_size)
-    identity = ids.identity(config, job.checkpoint_every, layout=layout, fingerprint=fingerprint, num_rows=len(ds))
+    every = job.part_rows(len(ds))
+    identity = ids.identity(config, every, layout=layout, fingerprint=fingerprint, num_rows=len(ds))
     result = JobResult(rows=len(ds), topology=topology, work=work)
     manifest = work.read_manifest()
     if _finished_before(output, work, manifest, identity, overwrite):
@@ -332,17 +364,20 @@ def _run(data, config, job, work, group, *, output, overwrite, model, progress, 
     del template["counts"]
     wanted = {
         "format": MANIFEST_FORMAT, "identity": identity, "model": ids.model_identity(scorer), "metadata": template,
-        "grid": {"num_rows": len(ds), "checkpoint_every": job.checkpoint_every}, "created": now(),
+        "grid": {"num_rows": len(ds), "checkpoint_every": every}, "created": now(),
     }
     _settle_manifest(work, manifest, wanted, group)
-    plan = _plan(work, len(ds), job, group)
-    where = _log_plan(plan, work, job, topology)
+    plan = _plan(work, len(ds), every, group)
+    where = _log_plan(plan, work, every, topology)
     run = _score_parts(scorer, work, plan, group, show=(not config.quiet) if progress is None else progress)
     result.parts, result.parts_skipped = len(plan["shard"]), len(plan["done"])
     result.parts_written, result.rows_scored, result.metadata = run["parts_written"], run["rows_scored"], template
     group.barrier()
     if topology.rank != 0:
         return result
+    if plan.get("claims") is not None:
+        shutil.rmtree(plan["claims"], ignore_errors=True)
+        work.remove_claims(topology.shard_index, topology.num_shards, only_empty=True)
     missing = [p for p in plan["shard"] if p not in work.scan_parts()]
     if missing:
         raise ChesFilterError(

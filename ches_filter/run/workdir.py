@@ -4,9 +4,11 @@ Layout (datatrove style; default ``OUTPUT.parts/``)::
 
     manifest.json                          what is computed: flags, model, input fingerprint, grid
     parts/000000000000-000000001000.rank-00000.parquet    rows [0, 1000), written by worker 0
-    stats/rank-00000.json                  per worker and run: parts assigned/skipped/written, rows, seconds
+    stats/rank-00000.json                  per worker and run: parts of its own share/skipped/written, rows, seconds
     completions/shard-00000-of-00001.json  shard 0 of 1 has every one of its parts
     locks/shard-00000-of-00001.lock        held by the running process of that shard (pid, host)
+    claims/shard-00000-of-00001-LAUNCH/000000000000-000000001000
+                                           under torchrun: which rank took which part (O_EXCL, first wins)
 
 ``validate`` locks its output directory the same way (``OUT_DIR/locks/validate.lock``).
 
@@ -40,7 +42,7 @@ __all__ = ["WorkDir", "MANIFEST_FORMAT", "read_manifest", "default_work_dir", "c
 
 MANIFEST_FORMAT = 1
 _PART_NAME = re.compile(r"^(\d{12})-(\d{12})\.rank-(\d{5})\.parquet$")
-_OURS = frozenset({"parts", "stats", "completions", "locks"})
+_OURS = frozenset({"parts", "stats", "completions", "locks", "claims"})
 _UNREADABLE_LOCK_S = 60.0
 
 
@@ -179,6 +181,37 @@ class WorkDir:
         for name in os.listdir(self.parts_dir):
             if name.startswith(".") and ".tmp-" in name:
                 os.unlink(os.path.join(self.parts_dir, name))
+
+    # -------------------------------------------------------------- claims
+    def claims_dir(self, shard: int, num_shards: int, launch: str) -> str:
+        """Where the ranks of one ``torchrun`` launch claim this shard's parts."""
+        return os.path.join(self.path, "claims", f"shard-{shard:05d}-of-{num_shards:05d}-{launch}")
+
+    def claim(self, claims_dir: str, start: int, stop: int) -> bool:
+        """Claim part ``[start, stop)`` for this process: True for exactly one caller (``O_CREAT | O_EXCL``)."""
+        path = os.path.join(claims_dir, f"{start:012d}-{stop:012d}")
+        with writing(path):
+            os.makedirs(claims_dir, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            os.close(fd)
+        return True
+
+    def remove_claims(self, shard: int, num_shards: int, *, only_empty: bool = False) -> None:
+        """Delete the claims of this shard's earlier launches (the caller holds the shard's lock).
+
+        With ``only_empty``, remove just the ``claims`` directory itself if nothing is left in it.
+        """
+        root = os.path.join(self.path, "claims")
+        if not only_empty:
+            for path in glob.glob(os.path.join(glob.escape(root), f"shard-{shard:05d}-of-{num_shards:05d}-*")):
+                shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
 
     # --------------------------------------------------------------- stats
     def stats_path(self, worker: int) -> str:
