@@ -334,7 +334,7 @@ def test_flash_attention_that_cannot_run_is_one_line_before_anything_is_written(
         "score": ["score", data, "-o", str(tmp_path / "s.parquet"), "--model", str(tiny_model_dir), "--device", "cpu",
                   "--attn-implementation", "flash_attention_2", "-q"],
         "validate": ["validate", data, "-o", str(tmp_path / "v"), "--model", str(tiny_model_dir), "--device", "cpu",
-                     "--attn-implementation", "flash_attention_2", "--scores", str(GOLDEN), "-q"],
+                     "--attn-implementation", "flash_attention_2", "-q"],  # refused before it scores
         "displacement": ["displacement", data, "-o", str(tmp_path / "d.parquet"), "--model", str(tiny_model_dir),
                          "--device", "cpu", "--attn-implementation", "flash_attention_2", "-q"],
     }
@@ -430,7 +430,7 @@ def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_pa
     (big / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--model", str(big), "--device",
-                                       "cpu", "--scores", str(GOLDEN), "-q"])
+                                       "cpu", "-q"])  # refused before it scores
     assert result.exit_code == 2, result.output
     line = _one_error_line(result)
     assert "does not fit on cpu for validate" in line and "B parameters x 16 bytes" in line and "GiB are free" in line
