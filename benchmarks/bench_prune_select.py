@@ -66,7 +66,7 @@ def make_scores(data: Path, out: Path) -> None:
 
     from ches_filter import io
     from ches_filter.config import ScoreConfig
-    from ches_filter.scoring import input_fingerprint, load_input
+    from ches_filter.inputs import input_fingerprint, load_input
 
     ds, layout, columns = load_input(str(data), ScoreConfig())
     n = len(ds)

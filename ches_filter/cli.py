@@ -323,7 +323,8 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
     from .io import check_paths, output_kind
     from .run import default_work_dir
-    from .select import check_score_settings, prune_pairs
+    from .api import prune_pairs
+    from .select import check_score_settings
 
     if scores is not None and job.work_dir is not None:
         raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")

@@ -404,7 +404,7 @@ def measure_displacement(
 
     from .batching import PairEncoder
     from .model import load_model
-    from .scoring import _source_name, load_input
+    from .inputs import load_input, source_name
 
     config = config or DisplacementConfig()
     score_config = score_config or ScoreConfig()
@@ -503,7 +503,7 @@ def measure_displacement(
         "token_layout": score_config.layout,
         "use_chat_template": encoder.use_chat_template,
         "columns": dataclasses.asdict(columns),
-        "input": _source_name(data),
+        "input": source_name(data),
         "num_rows": len(ds),
         "config": dataclasses.asdict(config),
         "summary": summary,

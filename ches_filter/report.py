@@ -380,7 +380,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
         BadDataError: ``data`` is not the input the scores belong to.
     """
     from .formats import LAYOUTS, normalize_row
-    from .scoring import check_scores_belong, load_input
+    from .inputs import check_scores_belong, load_input
 
     from .io import open_records
 
@@ -393,7 +393,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     names = data.column_names if hasattr(data, "column_names") else list(data[0]) if data else []
     if input_format in LAYOUTS and not LAYOUTS.get(input_format).needs_prompt and (stored.get("prompt") or "prompt") not in names:
         # Implicit layouts need no prompt column; let detection settle them
-        # (scoring.load_input insists on the prompt column when a format is forced).
+        # (inputs.load_input insists on the prompt column when a format is forced).
         input_format = None
     score_config = ScoreConfig(
         input_format=input_format,

@@ -790,7 +790,7 @@ def run_validate(
     Returns:
         The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
     """
-    from .run.pipeline import input_paths
+    from .inputs import input_paths
     from .run.workdir import WorkDir
 
     started = time.perf_counter()
@@ -839,7 +839,8 @@ def _run_locked(
     from .batching import PairEncoder
     from .formats import normalize_row
     from .io import read_table
-    from .scoring import check_scores_belong, load_input, scores_identity
+    from .inputs import check_scores_belong, load_input
+    from .scoring import scores_identity
 
     from .run.workdir import WorkDir, default_work_dir
 

@@ -38,7 +38,7 @@ def _dropout_rates(lm) -> list[float]:
 
 # ------------------------------------------------------------------ 1. dropout
 def test_a_model_object_in_training_mode_is_scored_as_in_eval_mode_and_given_back(embedded_tokenizer):
-    from ches_filter.scoring import score_pairs
+    from ches_filter.api import score_pairs
 
     rows = read_hh(6)
     lm = tiny_gpt2(len(embedded_tokenizer))

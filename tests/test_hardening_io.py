@@ -60,7 +60,7 @@ def snapshot(root):
 def make_scores(data, out, **config):
     """A score file for ``data`` that prune accepts: the real input fingerprint, made-up scores (rank = row)."""
     from ches_filter.config import ScoreConfig
-    from ches_filter.scoring import input_fingerprint, load_input
+    from ches_filter.inputs import input_fingerprint, load_input
 
     ds, layout, columns = load_input(str(data), ScoreConfig(**config))
     n = len(ds)

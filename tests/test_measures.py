@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ches_filter.config import ScoreConfig
 from ches_filter.errors import BadFlagError
 from ches_filter.measures import last_hidden_ip, levenshtein, normalized_edit_distance
-from ches_filter.scoring import score_pairs, table_metadata
+from ches_filter.api import score_pairs
+from ches_filter.scoring import table_metadata
 
 
 def reference_levenshtein(a, b):

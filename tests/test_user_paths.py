@@ -344,7 +344,8 @@ def _own_columns() -> tuple[str, ...]:
 
 def test_own_columns_are_read_from_the_schema_and_the_registry(tiny_model_dir):
     from ches_filter.measures import MEASURES
-    from ches_filter.scoring import TAIL_COLUMNS, score_pairs
+    from ches_filter.api import score_pairs
+    from ches_filter.scoring import TAIL_COLUMNS
 
     own = _own_columns()
     assert set(MEASURES.names()) <= set(own) and set(TAIL_COLUMNS) <= set(own)

@@ -773,8 +773,8 @@ def test_overwrite_interrupted_after_scoring_keeps_the_old_run_and_resumes(tmp_p
     summary), and the same command resumes it, reusing the finished scoring."""
     import pyarrow.parquet as pq
 
-    from ches_filter import scoring
     from ches_filter import validate as validate_module
+    from ches_filter.run import pipeline as pipeline_module
 
     data = _hh_subset(tmp_path)
     out = tmp_path / "out"
@@ -791,7 +791,7 @@ def test_overwrite_interrupted_after_scoring_keeps_the_old_run_and_resumes(tmp_p
     assert {name: (out / name).read_bytes() for name in old} == old  # the old run, whole
     assert "edit_distance" in pq.read_table(out / validate_module.NEW_SCORES).column_names  # the new scoring, beside
     # The same command reuses the finished scoring: no scorer is built again.
-    monkeypatch.setattr(scoring, "build_scorer", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(pipeline_module, "build_scorer", lambda *a, **k: pytest.fail("scored again"))
     resumed = CliRunner().invoke(main, again)
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "summary.json", "validate.parquet", "validate.png"]
