@@ -4,28 +4,39 @@
 the top of the import graph: it imports :mod:`run` (the work-directory
 pipeline), :mod:`scoring` (the scorer) and :mod:`inputs` (the data layer), and
 nothing below imports it.
+
+:func:`score_pairs` scores a list of rows, a ``datasets.Dataset`` or a path in
+memory through the scorer directly (:func:`score_in_memory`): no work
+directory, lock or manifest. The same rows are cut into the same parts and
+chunks as the pipeline's, so the scores are bit for bit those of
+``ches-filter score``. Files to resume, shards and torchrun ranks go through
+:mod:`ches_filter.run`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from typing import Any
 
+from .batching import SpecialRows
 from .config import JobConfig, PruneConfig, ScoreConfig
 from .errors import BadFlagError
-from .inputs import check_scores_belong, load_records
-from .io import read_table
+from .inputs import check_scores_belong, hash_rows, load_input, load_records
+from .io import METADATA_KEY, read_table
 from .model import ModelState, as_loaded_model
 from .run import score_to_table
-from .scoring import load_kwargs, status_counts, table_metadata
+from .run.topology import Topology, part_grid, select_device
+from .scoring import build_scorer, load_kwargs, merge_counts, status_counts, table_metadata
 from .select import PruneResult, select_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["score_pairs", "prune_pairs"]
+__all__ = ["score_pairs", "prune_pairs", "score_in_memory"]
 
 
 def score_pairs(
@@ -58,8 +69,10 @@ def score_pairs(
         ``row_index``, the id column if configured, the ``measures``
         (default ``ches``, ``ln_ches``), ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
         Its schema metadata (key ``ches_filter``) records model, layout and counts.
-        The parts go through a temporary work directory; to resume after a
-        crash or shard a large dataset, use :func:`ches_filter.run.score_to_file`.
+        Scored in memory, in one process: no work directory, lock or manifest
+        (under ``torchrun`` the ranks share the work through the pipeline,
+        :func:`ches_filter.run.score_to_table`). To resume after a crash or
+        shard a large dataset, use :func:`ches_filter.run.score_to_file`.
     """
     config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
     loaded = None
@@ -71,10 +84,52 @@ def score_pairs(
             loaded = as_loaded_model(config.model, tokenizer, **load_kwargs(config))
     # A model object is scored in eval mode with every dropout off (TRL's way, wider), and given back as it came.
     with ModelState(loaded.decoder, eval=True) if loaded is not None else contextlib.nullcontext():
-        table, _ = score_to_table(data, config, model=loaded, progress=progress)
+        if Topology.from_env().world_size > 1:
+            table, _ = score_to_table(data, config, model=loaded, progress=progress)
+            if table is None:  # ranks other than 0
+                return None
+        else:
+            table = score_in_memory(data, config, model=loaded, progress=progress)
     counts = status_counts(table.column("status"))
     logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), table.num_rows, ", ".join(f"{k}: {v}" for k, v in counts.items()))
     return table
+
+
+def score_in_memory(data: Any, config: ScoreConfig, *, model: Any = None, progress: bool | None = None) -> Any:
+    """Score ``data`` in this process and return the score table; nothing is written to disk.
+
+    The rows are cut on the pipeline's part grid (``JobConfig().part_rows``)
+    and each part into the same chunks, so the pairs batched together, and so
+    every score to the last bit, are those of the work-directory pipeline. The
+    input fingerprint of the metadata is hashed from the chunks as they are
+    scored (no second read), so the table can be handed to ``prune --scores``.
+    """
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    config, _ = select_device(config, Topology())
+    ds, layout, columns = load_input(data, config)
+    scorer = build_scorer(ds, layout, columns, config, model)
+    digest = hashlib.sha256()
+    names = scorer.names
+    show = (not config.quiet) if progress is None else progress
+    tables, special, counts = [], SpecialRows(), {}
+    with tqdm(total=len(ds), unit="pair", desc="scoring", dynamic_ncols=True, disable=not show) as bar:
+        ranges = part_grid(len(ds), JobConfig().part_rows(len(ds)))
+        for _, _, table in scorer.score_ranges(ranges, on_chunk=lambda start, chunk, rows: hash_rows(digest, chunk, names),
+                                               on_rows=bar.update):
+            special.add(SpecialRows.from_metadata(table.schema.metadata))
+            merge_counts(counts, status_counts(table.column("status")))  # in part order, as the pipeline adds them
+            tables.append(table)
+    table = pa.concat_tables(tables) if tables else scorer.schema.empty_table()
+    # The pipeline's metadata as its manifest stores it (keys sorted), then the counts.
+    template = scorer.metadata(data=data, fingerprint=digest.hexdigest(), counts={})
+    del template["counts"]
+    metadata = json.loads(json.dumps(template, sort_keys=True))
+    metadata["counts"] = counts
+    metadata["special_token_rows"] = special.count
+    special.log(metadata.get("on_special_tokens"))
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
 
 
 def prune_pairs(
