@@ -27,7 +27,7 @@ from .batching import SpecialRows
 from .config import JobConfig, PruneConfig, ScoreConfig
 from .errors import BadFlagError
 from .inputs import check_scores_belong, hash_rows, load_input, load_records
-from .io import METADATA_KEY, read_table
+from .scorefile import METADATA_KEY, read_table
 from .model import ModelState, as_loaded_model
 from .run import score_to_table
 from .run.topology import Topology, part_grid, select_device

@@ -508,7 +508,7 @@ def measure_displacement(
         "config": dataclasses.asdict(config),
         "summary": summary,
     }
-    from .io import METADATA_KEY
+    from .scorefile import METADATA_KEY
 
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 

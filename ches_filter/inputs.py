@@ -131,7 +131,7 @@ def load_records(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
     """
     import datasets
 
-    from .io import open_records
+    from .sources import open_records
     from .records import from_dataset
 
     columns = config_columns(config)

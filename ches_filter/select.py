@@ -337,7 +337,7 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
         BadDataError: the score file cannot be read.
     """
     from .errors import BadFlagError
-    from .io import read_table
+    from .scorefile import read_table
 
     _, meta = read_table(str(scores))
     settings = _score_settings(config, meta)

@@ -122,7 +122,7 @@ def test_cli_score_with_measures_and_layout(tmp_path, tiny_model_dir):
     from click.testing import CliRunner
 
     from ches_filter.cli import main
-    from ches_filter.io import read_table
+    from ches_filter.scorefile import read_table
 
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

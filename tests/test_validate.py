@@ -594,7 +594,7 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
     import errno
     import socket
 
-    import ches_filter.io as io_module
+    import ches_filter.atomic as io_module
 
     data = _hh_subset(tmp_path)
     out = tmp_path / "out"
@@ -609,21 +609,21 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
     earlier = {name: (out / name).read_bytes() for name in names}
 
     # The disk fills while one of the outputs is flushed: none of the new ones may replace an earlier one.
-    real_fsync = io_module._fsync_tree
+    real_fsync = io_module.fsync_tree
     for failing in names:
         def full_disk(path, failing=failing):
             if f".{failing}.tmp-" in path:
                 raise OSError(errno.ENOSPC, "No space left on device")
             real_fsync(path)
 
-        monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
+        monkeypatch.setattr(io_module, "fsync_tree", full_disk)
         result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
         assert result.exit_code == 1, result.output
         assert "no space left on" in _error_line(result) and failing in _error_line(result)
         assert {name: (out / name).read_bytes() for name in names} == earlier, failing
         # No temporaries, no lock; the new scoring's parts stay beside the earlier run for the rerun.
         assert sorted(p.name for p in out.iterdir()) == sorted([".scores.new.parquet.parts", "scores.parquet", *names])
-    monkeypatch.setattr(io_module, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(io_module, "fsync_tree", real_fsync)
     result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
     assert result.exit_code == 0, result.output
     assert (out / "validate.parquet").read_bytes() != earlier["validate.parquet"]

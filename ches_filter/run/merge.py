@@ -16,7 +16,9 @@ from typing import Any, Iterator
 
 from ..batching import SpecialRows
 from ..errors import BadDataError, BadFlagError
-from ..io import METADATA_KEY, atomic_path, check_output_path
+from ..atomic import atomic_path
+from ..paths import check_output_path
+from ..scorefile import METADATA_KEY
 from ..scoring import merge_counts, status_counts
 from .topology import part_grid, shard_slice
 from .workdir import WorkDir

@@ -47,7 +47,7 @@ from typing import Any, Iterator
 from ..config import JobConfig, ScoreConfig
 from ..errors import BadDataError, BadFlagError, ChesFilterError
 from ..inputs import input_fingerprint, input_paths, load_input
-from ..io import check_output_path
+from ..paths import check_output_path
 from ..scoring import build_scorer, merge_counts, status_counts
 from . import manifest as ids
 from .merge import assemble, assemble_table, ranges_text
@@ -416,7 +416,7 @@ def score_to_file(
     shard is done.
 
     Args:
-        data: a path (see :func:`ches_filter.io.read_dataset`), a
+        data: a path (see :func:`ches_filter.sources.read_dataset`), a
             ``datasets.Dataset`` or a list of row dicts.
         output: the score file (``.parquet``) to write.
         config: how to read and score (:class:`~ches_filter.config.ScoreConfig`).
