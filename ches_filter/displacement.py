@@ -112,9 +112,9 @@ class PairProbe:
 
     def shrink_head(self) -> bool:
         """Halve the LM-head chunk while it holds more than one position (the back-off of one pair's passes)."""
-        from .logprobs import _vocab
+        from .logprobs import vocab_size
 
-        if self.head_elements // 2 < _vocab(self.lm):
+        if self.head_elements // 2 < vocab_size(self.lm):
             return False
         self.head_elements //= 2
         said = getattr(self, "_said_head", False)

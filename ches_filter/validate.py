@@ -210,7 +210,7 @@ class _Trainer:
         import torch
 
         from .engine import default_workers
-        from .logprobs import _head_is_exact, packed_is_exact
+        from .logprobs import head_is_exact, packed_is_exact
         from .model import ModelState, flash_attention_problem, training_autocast
 
         self.lm = loaded.decoder
@@ -255,7 +255,7 @@ class _Trainer:
         # pass over all threads: side by side (gradients added in order) they
         # were 7-9 % slower on this 2-core CPU (docs/validate.md).
         self.workers = score_config.engine_workers or default_workers(self.device)
-        _head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
+        head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
 
     def restore(self) -> None:
         import torch
@@ -310,9 +310,9 @@ class _Trainer:
 
     def _shrink_head(self) -> bool:
         """After one pair ran out of memory: halve the LM-head chunk while it holds more than one position."""
-        from .logprobs import _vocab
+        from .logprobs import vocab_size
 
-        if self.head_elements // 2 < _vocab(self.lm):
+        if self.head_elements // 2 < vocab_size(self.lm):
             return False
         self.head_elements //= 2
         said = getattr(self, "_said_head", False)
