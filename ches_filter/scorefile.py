@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from .atomic import atomic_path
 from .errors import BadDataError, ChesFilterError, reason
+from .measures import MEASURES
 from .paths import check_output_path
 
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
@@ -19,6 +20,23 @@ logger = logging.getLogger(__name__)
 
 # Metadata key under which write_table stores its JSON blob in the parquet schema.
 METADATA_KEY = b"ches_filter"
+
+#: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
+#: every measure column is float64.
+TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
+#: The column before the id column and the measures.
+HEAD_COLUMNS = {"row_index": "int64"}
+#: The column ``--on-special-tokens flag`` adds at the end.
+FLAG_COLUMNS = {"special_tokens": "bool_"}
+
+
+def own_columns() -> tuple[str, ...]:
+    """Every column a score file may hold besides ``--id-column`` (which must be none of them).
+
+    Read from the schema's parts and the measure registry, so a new measure or
+    tail column is reserved without a second list.
+    """
+    return (*HEAD_COLUMNS, *MEASURES.names(), *TAIL_COLUMNS, *FLAG_COLUMNS)
 
 
 def with_metadata(table: "pyarrow.Table", metadata: dict) -> "pyarrow.Table":

@@ -31,6 +31,7 @@ from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, normalize_row, used_c
 from .inputs import PageReleaser, source_name
 from .measures import MEASURES, MeasureInput, compute_measures
 from .model import load_model
+from .scorefile import FLAG_COLUMNS, HEAD_COLUMNS, TAIL_COLUMNS, own_columns
 
 logger = logging.getLogger(__name__)
 
@@ -41,24 +42,6 @@ __all__ = [
 
 #: Statuses the scorer adds to the per-row ones of :mod:`formats`.
 SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite", "special_tokens")
-#: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
-#: every measure column is float64.
-TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
-#: The column before the id column and the measures.
-HEAD_COLUMNS = {"row_index": "int64"}
-#: The column ``--on-special-tokens flag`` adds at the end.
-FLAG_COLUMNS = {"special_tokens": "bool_"}
-
-
-def own_columns() -> tuple[str, ...]:
-    """Every column a score file may hold besides ``--id-column`` (which must be none of them).
-
-    Read from the schema's parts and the measure registry, so a new measure or
-    tail column is reserved without a second list.
-    """
-    return (*HEAD_COLUMNS, *MEASURES.names(), *TAIL_COLUMNS, *FLAG_COLUMNS)
-
-
 @dataclasses.dataclass
 class _Prepared:
     start: int
