@@ -64,9 +64,9 @@ def generate(path: Path, rows: int, varied: bool) -> None:
 def make_scores(data: Path, out: Path) -> None:
     import pyarrow as pa
 
-    from ches_filter import io
+    from ches_filter import scorefile
     from ches_filter.config import ScoreConfig
-    from ches_filter.scoring import input_fingerprint, load_input
+    from ches_filter.inputs import input_fingerprint, load_input
 
     ds, layout, columns = load_input(str(data), ScoreConfig())
     n = len(ds)
@@ -75,7 +75,7 @@ def make_scores(data: Path, out: Path) -> None:
                       "ln_ches": [rng.random() for _ in range(n)], "status": ["ok"] * n})
     meta = {"input_fingerprint": input_fingerprint(ds, layout, columns), "input_format": layout, "num_rows": n,
             "columns": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "id": None}}
-    io.write_table(table, str(out), metadata=meta, overwrite=True)
+    scorefile.write_table(table, str(out), metadata=meta, overwrite=True)
 
 
 def child(argv: list[str]) -> None:

@@ -229,7 +229,7 @@ def check_dropout(args: argparse.Namespace) -> str:
 
     from ches_filter.config import ScoreConfig, ValidateConfig
     from ches_filter.model import LoadedModel, default_model_path
-    from ches_filter.scoring import score_pairs
+    from ches_filter.api import score_pairs
     from ches_filter.validate import run_validate
 
     gguf = default_model_path()

@@ -6,13 +6,9 @@ __all__ = ["__version__", "score_pairs", "prune_pairs"]
 
 
 def __getattr__(name):
-    # Lazy so `import ches_filter` (and `ches-filter --help`) never imports torch.
-    if name == "score_pairs":
-        from .scoring import score_pairs
+    # Lazy so `import ches_filter` (and `ches-filter --help`) never imports the scoring stack.
+    if name in ("score_pairs", "prune_pairs"):
+        from . import api
 
-        return score_pairs
-    if name == "prune_pairs":
-        from .select import prune_pairs
-
-        return prune_pairs
+        return getattr(api, name)
     raise AttributeError(f"module 'ches_filter' has no attribute {name!r}")

@@ -185,7 +185,7 @@ def _special_rows(output: str) -> int:
     """``special_token_rows`` recorded in a written score file's metadata (0 when absent)."""
     import pyarrow.parquet as pq
 
-    from .io import METADATA_KEY
+    from .scorefile import METADATA_KEY
 
     try:
         raw = (pq.read_schema(output).metadata or {}).get(METADATA_KEY)
@@ -242,7 +242,7 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
     _check_model_early(config)
-    from .io import check_paths, output_kind
+    from .paths import check_paths, output_kind
     from .run import default_work_dir, score_to_file
 
     if not output.endswith(".parquet"):
@@ -279,7 +279,7 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
 def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quiet: bool, verbose: bool) -> None:
     """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
     _setup_logging(quiet, verbose)
-    from .io import check_paths, output_kind
+    from .paths import check_paths, output_kind
     from .run import merge_work_dir
 
     if not output.endswith(".parquet"):
@@ -321,9 +321,10 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .io import check_paths, output_kind
+    from .paths import check_paths, output_kind
     from .run import default_work_dir
-    from .select import check_score_settings, prune_pairs
+    from .api import prune_pairs
+    from .select import check_score_settings
 
     if scores is not None and job.work_dir is not None:
         raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")
@@ -419,7 +420,8 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     probe_config, rest = _build(DisplacementConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
-    from .io import check_paths, write_table
+    from .paths import check_paths
+    from .scorefile import write_table
     from .displacement import format_summary, measure_displacement
     from .scoring import table_metadata
 

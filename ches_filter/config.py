@@ -17,6 +17,7 @@ from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
 from .errors import BadFlagError
 from .formats import LAYOUTS
 from .measures import DEFAULT_MEASURES, MEASURES
+from .scorefile import own_columns
 from .strategies import ENGINE_CHOICES
 
 # Choices that belong to torch/transformers themselves, not to a registry of ours.
@@ -86,9 +87,7 @@ class ScoreConfig:
                 "`--prompt-column`, `--chosen-column` and `--rejected-column` must name three different columns"
             )
         if self.id_column is not None:
-            # Lazily: scoring imports this module. The names come from the score file's schema and the measure registry.
-            from .scoring import own_columns
-
+            # The names come from the score file's schema and the measure registry.
             if self.id_column in own_columns():
                 raise BadFlagError(
                     f"`--id-column` {self.id_column!r} is a column the score file writes itself "

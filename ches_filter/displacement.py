@@ -112,9 +112,9 @@ class PairProbe:
 
     def shrink_head(self) -> bool:
         """Halve the LM-head chunk while it holds more than one position (the back-off of one pair's passes)."""
-        from .logprobs import _vocab
+        from .logprobs import vocab_size
 
-        if self.head_elements // 2 < _vocab(self.lm):
+        if self.head_elements // 2 < vocab_size(self.lm):
             return False
         self.head_elements //= 2
         said = getattr(self, "_said_head", False)
@@ -404,7 +404,7 @@ def measure_displacement(
 
     from .batching import PairEncoder
     from .model import load_model
-    from .scoring import _source_name, load_input
+    from .inputs import load_input, source_name
 
     config = config or DisplacementConfig()
     score_config = score_config or ScoreConfig()
@@ -503,12 +503,12 @@ def measure_displacement(
         "token_layout": score_config.layout,
         "use_chat_template": encoder.use_chat_template,
         "columns": dataclasses.asdict(columns),
-        "input": _source_name(data),
+        "input": source_name(data),
         "num_rows": len(ds),
         "config": dataclasses.asdict(config),
         "summary": summary,
     }
-    from .io import METADATA_KEY
+    from .scorefile import METADATA_KEY
 
     return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
 

@@ -31,3 +31,17 @@ class OutOfMemoryError(ChesFilterError, RuntimeError):
     """Even one pair does not fit in the device's memory after every back-off (exit code 1)."""
 
     exit_code = 1
+
+
+def reason(exc: BaseException) -> str:
+    """Returns the most specific one-line reason from an exception chain."""
+    # DatasetGenerationError only says "An error occurred"; the useful text
+    # sits in the innermost explicit cause.
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 300 else text[:297] + "..."

@@ -21,7 +21,7 @@ from the earliest response-predicting position on (``logits_to_keep``), through
 the model's own forward, so logit soft-capping or scaling applies.
 
 Memory: where the LM head alone reproduces the model's logits (checked once,
-:func:`_head_is_exact`; every standard transformers causal LM), the head and
+:func:`head_is_exact`; every standard transformers causal LM), the head and
 the cross-entropy run on :data:`HEAD_CHUNK_ELEMENTS` logits at a time, each
 chunk recomputed in the backward pass, so they never hold more than
 :func:`head_peak_bytes` (512 MiB) whatever the batch: 8,192 response positions
@@ -124,7 +124,7 @@ def _head(lm: Any, states: Any) -> Any:
     return logits
 
 
-def _head_is_exact(lm: Any, device: Any, autocast_dtype: Any = None) -> bool:
+def head_is_exact(lm: Any, device: Any, autocast_dtype: Any = None) -> bool:
     """Whether decoder + :func:`_head` reproduce the model's own logits (checked once per model on a short random input).
 
     Computing the head only at the response-predicting positions saves most
@@ -177,7 +177,7 @@ def _head_is_exact(lm: Any, device: Any, autocast_dtype: Any = None) -> bool:
     return exact
 
 
-def _vocab(lm: Any) -> int:
+def vocab_size(lm: Any) -> int:
     """Width of the model's logits (the LM head's rows; the config's ``vocab_size`` without a head weight)."""
     head = lm.get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -284,8 +284,8 @@ def pair_logprobs(
     target_t = torch.tensor(targets, device=device)
     segment_t = torch.tensor(segment, device=device)
     states = None
-    head_only = _head_is_exact(lm, device, autocast_dtype)  # checked once per model
-    vocab = _vocab(lm)
+    head_only = head_is_exact(lm, device, autocast_dtype)  # checked once per model
+    vocab = vocab_size(lm)
     chunk = head_chunk_positions(vocab, head_elements)
     with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
         if head_only:

@@ -31,10 +31,12 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from .errors import BadDataError, ChesFilterError
+from .atomic import atomic_paths, writing
+from .errors import BadDataError, ChesFilterError, reason
+from .paths import check_paths, output_kind
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +92,8 @@ class Records:
 # --------------------------------------------------------------------------
 
 
-def _open_binary(path: str):
+def open_binary(path: str):
     return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
-
-
-def _reason(exc: BaseException) -> str:
-    from .io import _reason as reason
-
-    return reason(exc)
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -106,7 +102,7 @@ def _stat(path: str) -> tuple[int, int]:
 
 
 def read_files(label: str, files: list[str], kind: str, wanted: Sequence[str] | None) -> Records:
-    """Opens local files of one kind (``json``, ``csv`` or ``parquet``: :func:`ches_filter.io._file_kind`).
+    """Opens local files of one kind (``json``, ``csv`` or ``parquet``: :mod:`ches_filter.sources`).
 
     Args:
         label: the source as named by the user.
@@ -135,9 +131,8 @@ def read_files(label: str, files: list[str], kind: str, wanted: Sequence[str] | 
 
 
 def _json_mode(path: str) -> str:
-    from .io import _read_bytes
 
-    head = _read_bytes(path, 4096)
+    head = read_bytes(path, 4096)
     if head.startswith(_GZIP_MAGIC) and not path.lower().endswith(".gz"):
         raise BadDataError(
             f"{path} is gzip-compressed but its name does not end in `.gz`; rename it "
@@ -239,7 +234,7 @@ class _Spool:
                 arrays.append(pa.array(column))
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as exc:
                 raise BadDataError(
-                    f"{self.label}: column `{name}` holds values that cannot be read as one column ({_reason(exc)}); "
+                    f"{self.label}: column `{name}` holds values that cannot be read as one column ({reason(exc)}); "
                     "make every row hold the same kind of value there."
                 ) from None
         table = pa.Table.from_arrays(arrays, names=names)
@@ -275,7 +270,7 @@ class _Spool:
                 table = pa.concat_tables([written] + self.tables, promote_options="permissive")
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
                 raise BadDataError(
-                    f"{self.label}: a column holds values of different kinds across rows ({_reason(exc)}); "
+                    f"{self.label}: a column holds values of different kinds across rows ({reason(exc)}); "
                     "make every row hold the same kind of value there."
                 ) from None
             del written
@@ -322,7 +317,7 @@ def _iter_json_lines(files: list[str]) -> Iterator[tuple[str, int, bytes, str]]:
     for path in files:
         line_no = 0
         try:
-            with _open_binary(path) as fh:
+            with open_binary(path) as fh:
                 for line_no, raw in enumerate(fh, start=1):
                     if not raw.strip():
                         continue  # blank lines hold no record
@@ -338,11 +333,11 @@ def _iter_json_lines(files: list[str]) -> Iterator[tuple[str, int, bytes, str]]:
                     yield path, line_no, raw, text
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise BadDataError(
-                f"{path} is truncated or not a valid gzip file (failed after line {line_no}: {_reason(exc)}); "
+                f"{path} is truncated or not a valid gzip file (failed after line {line_no}: {reason(exc)}); "
                 "re-download or re-compress it."
             ) from None
         except OSError as exc:
-            raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from None
+            raise BadDataError(f"cannot read {path} ({reason(exc)}); check the file.") from None
 
 
 class _DuplicateKey(Exception):
@@ -413,9 +408,8 @@ def _read_json_array(label: str, path: str, wanted: Sequence[str] | None, stats:
 
 
 def _load_json_array(path: str) -> list:
-    from .io import _read_bytes
 
-    data = _read_bytes(path, -1)
+    data = read_bytes(path, -1)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -508,7 +502,7 @@ def _iter_csv(files: list[str]) -> Iterator[tuple[str, int, list[str], bytes, by
         except csv.Error as exc:
             raise BadDataError(f"{path} line {line_no} is not valid CSV ({exc}); fix that line.") from None
         except OSError as exc:
-            raise BadDataError(f"cannot read {path} ({_reason(exc)}); check the file.") from None
+            raise BadDataError(f"cannot read {path} ({reason(exc)}); check the file.") from None
 
 
 def _read_csv(label: str, files: list[str], wanted: Sequence[str] | None, stats: list) -> Records:
@@ -556,20 +550,20 @@ def _read_parquet(label: str, files: list[str], wanted: Sequence[str] | None, st
             table = pq.read_table(path, columns=names, memory_map=True)
         except (pa.ArrowException, OSError) as exc:
             raise BadDataError(
-                f"{path} is not a readable parquet file ({_reason(exc)}); re-export it as parquet."
+                f"{path} is not a readable parquet file ({reason(exc)}); re-export it as parquet."
             ) from None
         columns += [n for n in schema.names if n not in columns]
         tables.append(_plain(table))
     try:
         table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise BadDataError(f"{label}: its parquet files disagree on a column's type ({_reason(exc)}).") from None
+        raise BadDataError(f"{label}: its parquet files disagree on a column's type ({reason(exc)}).") from None
     if table.num_rows == 0:
         raise BadDataError(f"{label} holds no rows; it needs at least one example.")
     try:
         scored = datasets.Dataset(table.combine_chunks())
     except Exception as exc:  # noqa: BLE001 - a type datasets has no feature for
-        raise BadDataError(f"{label}: the scored columns cannot be read ({_reason(exc)}).") from None
+        raise BadDataError(f"{label}: the scored columns cannot be read ({reason(exc)}).") from None
     return Records(label, "parquet", files, columns, scored, stats=stats)
 
 
@@ -630,7 +624,7 @@ def free_name(columns: Sequence[str], name: str) -> str:
 
 
 def write_selections(records: Records, outputs: Sequence[Selection], *, overwrite: bool = False) -> None:
-    """Writes every output, or none of them (see :func:`ches_filter.io.atomic_paths`).
+    """Writes every output, or none of them (see :func:`ches_filter.atomic.atomic_paths`).
 
     Raises:
         BadFlagError: a path clash or an unsupported extension.
@@ -639,7 +633,6 @@ def write_selections(records: Records, outputs: Sequence[Selection], *, overwrit
             (one line: column, first row, the same-kind output that works).
         ChesFilterError: the file system refused the write.
     """
-    from .io import atomic_paths, check_paths, output_kind, writing
 
     check_paths([(o.flag, o.path) for o in outputs], overwrite=overwrite)
     kinds = [output_kind(o.path, o.flag or "--output") for o in outputs]
@@ -676,7 +669,7 @@ def write_selections(records: Records, outputs: Sequence[Selection], *, overwrit
                             + f"{SAME_KIND_OUTPUT[source.kind]} (the input's own kind) to keep the records as they are."
                         ) from None
     except OSError as exc:
-        raise ChesFilterError(f"could not write {' or '.join(o.path for o in outputs)} ({_reason(exc)}).") from None
+        raise ChesFilterError(f"could not write {' or '.join(o.path for o in outputs)} ({reason(exc)}).") from None
     for out, kind in zip(outputs, kinds):
         logger.info("wrote %d rows to %s (%s)", len(out.rows), out.path, kind)
 
@@ -1035,5 +1028,69 @@ def _convert_arrow(records: Records, rows: Any, extra: list, kind: str, tmp: str
         try:
             ds = datasets.Dataset(table)
         except Exception as exc:  # noqa: BLE001 - an Arrow type datasets has no feature for
-            raise _Refused(table.column_names[0], 0, f"datasets cannot hold the table ({_reason(exc)})") from None
+            raise _Refused(table.column_names[0], 0, f"datasets cannot hold the table ({reason(exc)})") from None
         ds.save_to_disk(tmp)
+
+
+def read_bytes(path: str, size: int) -> bytes:
+    """Up to ``size`` bytes (-1: all) of a possibly gzip-compressed file, as a BadDataError on failure."""
+    try:
+        with open_binary(path) as fh:
+            return fh.read(size)
+    except FileNotFoundError as exc:
+        raise BadDataError(f"{path}: no such file or directory.") from exc
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise BadDataError(
+            f"{path} is truncated or not a valid gzip file ({reason(exc)}); "
+            "re-download or re-compress it."
+        ) from exc
+    except OSError as exc:
+        raise BadDataError(f"cannot read {path} ({reason(exc)}); check the file.") from exc
+
+
+def write_dataset(ds: "datasets.Dataset", path: str, *, overwrite: bool = False) -> None:
+    """Writes a dataset atomically as parquet, JSON lines, CSV or a saved directory.
+
+    Args:
+        ds: The dataset to write (at least one row).
+        path: ``*.parquet``, ``*.jsonl``, ``*.csv``, or a path without
+            extension (or an existing directory) for ``save_to_disk``.
+        overwrite: Whether an existing ``path`` may be replaced.
+
+    Raises:
+        BadFlagError: Unknown extension, ``path`` exists without
+            ``overwrite``, or its parent directory is missing.
+        BadDataError: No row, or a value would not read back identical from
+            JSON lines or CSV (one line: column and row; nothing written).
+        ChesFilterError: The file system refused the write.
+    """
+    write_datasets([(None, ds, path)], overwrite=overwrite)
+
+
+def write_datasets(items: Iterable[tuple[str | None, "datasets.Dataset", str]], *, overwrite: bool = False) -> None:
+    """Writes several datasets so that either all of them appear or none does.
+
+    Every dataset is written to its hidden temporary sibling first; only when
+    all were written are they renamed into place. A value that JSON lines or
+    CSV cannot hold exactly, a full disk or a permission error therefore leaves every
+    target as it was.
+
+    Args:
+        items: ``(flag, dataset, path)`` triples; ``flag`` (e.g. ``--rejects``)
+            names the path in messages and may be None.
+        overwrite: Whether existing paths may be replaced.
+
+    Raises:
+        The errors of :func:`write_dataset`.
+    """
+    import datasets
+
+
+    for _flag_name, ds, path in items:
+        if not isinstance(ds, datasets.Dataset):
+            raise TypeError(f"write_datasets writes a datasets.Dataset, not a {type(ds).__name__} ({path})")
+    # A dataset in memory is written as itself: to parquet or a directory unchanged, to JSON lines
+    # or CSV only where every value reads back identical (otherwise one line, nothing written).
+    outputs = [Selection(flag, os.fspath(path), range(len(ds)), records=from_dataset(os.fspath(path), ds))
+               for flag, ds, path in items]
+    write_selections(outputs[0].records, outputs, overwrite=overwrite)

@@ -9,7 +9,7 @@ input layouts          :data:`ches_filter.formats.LAYOUTS`        ``--input-form
 token layouts          :data:`ches_filter.batching.TOKEN_LAYOUTS` ``--layout``
 measures               :data:`ches_filter.measures.MEASURES`      ``--measures``, ``--by``
 engine strategies      :data:`ches_filter.strategies.STRATEGIES`  ``--engine``
-output kinds           :data:`ches_filter.io.OUTPUT_KINDS`        ``--output`` suffixes
+output kinds           :func:`ches_filter.paths.output_kind`     ``--output`` suffixes
 =====================  ===============================  ==========================
 
 A registry maps a name to a frozen description object; registering a name

@@ -89,7 +89,7 @@ def _load_scores(scores: Any) -> _Scores:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .io import read_table
+    from .scorefile import read_table
     from .scoring import table_metadata
 
     if isinstance(scores, pa.Table):
@@ -380,9 +380,9 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
         BadDataError: ``data`` is not the input the scores belong to.
     """
     from .formats import LAYOUTS, normalize_row
-    from .scoring import check_scores_belong, load_input
+    from .inputs import check_scores_belong, load_input
 
-    from .io import open_records
+    from .sources import open_records
 
     stored = meta.get("columns") or {}
     if isinstance(data, (str, os.PathLike)):
@@ -393,7 +393,7 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     names = data.column_names if hasattr(data, "column_names") else list(data[0]) if data else []
     if input_format in LAYOUTS and not LAYOUTS.get(input_format).needs_prompt and (stored.get("prompt") or "prompt") not in names:
         # Implicit layouts need no prompt column; let detection settle them
-        # (scoring.load_input insists on the prompt column when a format is forced).
+        # (inputs.load_input insists on the prompt column when a format is forced).
         input_format = None
     score_config = ScoreConfig(
         input_format=input_format,
@@ -670,7 +670,7 @@ REPORT_FILES = ("summary.json", "histogram.png", "length.png", "report.html")
 
 def _foreign_to_report(path: str) -> list[str]:
     """What the directory ``path`` holds besides a report's own files."""
-    from .io import foreign_files
+    from .paths import foreign_files
 
     return foreign_files(path, REPORT_FILES.__contains__)
 
@@ -718,7 +718,8 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     Returns:
         The summary dict (also in ``summary.json``).
     """
-    from .io import atomic_path, check_paths
+    from .atomic import atomic_path
+    from .paths import check_paths
 
     config = config or ReportConfig()
     require_matplotlib()

@@ -1,217 +1,47 @@
-"""Score every row of a preference dataset: the ``score`` pipeline.
+"""The scorer: a chunk of rows in, one Arrow table of measures out.
 
-Reads rows in chunks, normalises them (:mod:`formats`), tokenises the next
-chunk on a background thread while the model runs on the current one
+:class:`PairScorer` normalises rows (:mod:`formats`), tokenises the next chunk
+on a background thread while the model runs on the current one
 (:mod:`batching`, :mod:`engine`), and turns the hidden-state sums into CHES and
-LN-CHES (:mod:`ches`). One output row per input row, in input order; rows that
-cannot be scored keep a named ``status`` instead of disappearing.
+LN-CHES (:mod:`measures`, :mod:`ches`). One output row per input row, in input
+order; rows that cannot be scored keep a named ``status`` instead of
+disappearing.
 
-:class:`PairScorer` scores any list of contiguous row ranges and hands each
-range back as one Arrow table as soon as it is done, so nothing the size of the
-dataset is ever held in Python lists: :func:`score_pairs` concatenates the
-ranges into one table, :mod:`ches_filter.run` writes each range to disk
-as a checkpoint part.
+It scores any list of contiguous row ranges and hands each range back as one
+Arrow table as soon as it is done: :func:`ches_filter.score_pairs` (:mod:`api`)
+concatenates the ranges in memory, :mod:`ches_filter.run` writes each range to
+disk as a checkpoint part. This module imports neither :mod:`api` nor
+:mod:`run`; the input is opened by :mod:`inputs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from . import __version__
-from .batching import SpecialRows
+from .batching import PairEncoder, SpecialRows
 from .config import ScoreConfig
 from .errors import BadDataError
-from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, detect_layout, normalize_row, required_columns, used_columns
+from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, normalize_row, used_columns
+from .inputs import PageReleaser, source_name
+from .measures import MEASURES, MeasureInput, compute_measures
+from .model import load_model
+from .scorefile import FLAG_COLUMNS, HEAD_COLUMNS, TAIL_COLUMNS, own_columns
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "score_pairs",
-    "build_scorer",
-    "PairScorer",
-    "SCORE_STATUSES",
-    "TAIL_COLUMNS",
-    "own_columns",
-    "input_fingerprint",
-    "load_input",
-    "load_records",
-    "table_metadata",
-    "check_scores_belong",
-    "status_counts",
+    "build_scorer", "PairScorer", "SCORE_STATUSES", "TAIL_COLUMNS", "own_columns", "table_metadata",
+    "status_counts", "merge_counts", "scores_identity", "default_batch_tokens", "load_kwargs",
 ]
 
 #: Statuses the scorer adds to the per-row ones of :mod:`formats`.
 SCORE_STATUSES = ROW_STATUSES + ("too_long", "identical_responses", "chat_template_error", "non_finite", "special_tokens")
-#: The columns after the measures, with their Arrow types (names of ``pyarrow`` factories);
-#: every measure column is float64.
-TAIL_COLUMNS = {"prompt_tokens": "int64", "chosen_tokens": "int64", "rejected_tokens": "int64", "status": "string"}
-#: The column before the id column and the measures.
-HEAD_COLUMNS = {"row_index": "int64"}
-#: The column ``--on-special-tokens flag`` adds at the end.
-FLAG_COLUMNS = {"special_tokens": "bool_"}
-
-
-def own_columns() -> tuple[str, ...]:
-    """Every column a score file may hold besides ``--id-column`` (which must be none of them).
-
-    Read from the schema's parts and the measure registry, so a new measure or
-    tail column is reserved without a second list.
-    """
-    from .measures import MEASURES
-
-    return (*HEAD_COLUMNS, *MEASURES.names(), *TAIL_COLUMNS, *FLAG_COLUMNS)
-_SAMPLE_ROWS = 100
-
-
-def _columns(config: ScoreConfig) -> Columns:
-    return Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.id_column)
-
-
-def _hash_rows(digest: "hashlib._Hash", chunk: dict, names: list[str]) -> None:
-    for values in zip(*(chunk[n] for n in names)):
-        digest.update(json.dumps(values, sort_keys=True, ensure_ascii=False, default=repr).encode("utf-8", "replace"))
-        digest.update(b"\n")
-
-
-def _iter_chunks(ds: Any, names: list[str], chunk_size: int) -> Iterator[tuple[int, dict]]:
-    view = ds.select_columns(names)
-    release = _PageReleaser(ds)
-    for start in range(0, len(view), chunk_size):
-        chunk = view[start : start + chunk_size]
-        release()
-        yield start, chunk
-
-
-class _PageReleaser:
-    """Drop this process's resident pages of a dataset's memory-mapped Arrow files.
-
-    Every page of a memory-mapped file that the reader touches stays in the
-    process's resident set until the kernel needs the memory, so reading a
-    5 GB dataset front to back shows a 5 GB RSS: reclaimable, but schedulers
-    that police RSS (Slurm's accounting, some container runtimes) kill the job
-    for it. Once a chunk has been copied out, ``madvise(MADV_DONTNEED)`` on the
-    file's mappings unmaps the pages; a later read faults them back in from
-    the page cache. File-backed mappings only, so no data is ever discarded;
-    Linux only, a no-op elsewhere.
-    """
-
-    _MADV_DONTNEED = 4
-
-    def __init__(self, ds: Any) -> None:
-        files = [f.get("filename") for f in getattr(ds, "cache_files", None) or []]
-        self.files = {os.path.realpath(f) for f in files if f}
-        self.madvise = None
-        if self.files and os.path.exists("/proc/self/maps"):
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-                self.madvise = libc.madvise
-            except (OSError, AttributeError):
-                self.madvise = None
-
-    def __call__(self) -> None:
-        if self.madvise is None:
-            return
-        try:
-            with open("/proc/self/maps", encoding="utf-8", errors="replace") as handle:
-                lines = handle.readlines()
-        except OSError:
-            return
-        for line in lines:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].strip() in self.files:
-                start, stop = (int(x, 16) for x in fields[0].split("-"))
-                self.madvise(start, stop - start, self._MADV_DONTNEED)
-
-
-def input_fingerprint(ds: Any, layout: str, columns: Columns, chunk_size: int = 4096) -> str:
-    """SHA-256 over the used columns of every row: ties a score file to its input."""
-    names = used_columns(layout, columns, ds.column_names)
-    digest = hashlib.sha256()
-    for _, chunk in _iter_chunks(ds, names, chunk_size):
-        _hash_rows(digest, chunk, names)
-    return digest.hexdigest()
-
-
-def _source_name(data: Any) -> str | None:
-    """The path or Hub id ``data`` names, or None for in-memory data."""
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        return os.fsdecode(data) if not isinstance(data, str) else data
-    return None
-
-
-def load_input(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
-    """Open ``data`` (path, ``datasets.Dataset`` or list of dicts) and settle its layout.
-
-    Returns:
-        ``(ds, layout, columns)``: ``ds`` holds the scored columns only (see :func:`load_records`).
-    """
-    records, layout, columns = load_records(data, config)
-    return records.scored, layout, columns
-
-
-def load_records(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
-    """Open ``data`` as :class:`~ches_filter.records.Records`, parsing only the pair and id columns.
-
-    Every other column stays opaque: it is never given a type, so its values
-    may vary in shape from row to row, and a selection writes them back as they were.
-    """
-    import datasets
-
-    from .io import open_records
-    from .records import from_dataset
-
-    columns = _columns(config)
-    wanted = [columns.prompt, columns.chosen, columns.rejected] + ([columns.id] if columns.id else [])
-    if isinstance(data, datasets.Dataset):
-        records = from_dataset("the input", data)
-    elif isinstance(data, (list, tuple)):
-        if not data:
-            raise BadDataError("the input holds no rows")
-        records = from_dataset("the input", datasets.Dataset.from_list(list(data)))
-    else:
-        records = open_records(str(data), split=config.split, subset=config.subset, wanted=wanted)
-    ds = records.scored
-    source = _source_name(data)
-    where = f"{source}: " if source else ""
-    names = records.columns
-    if columns.id is not None and columns.id not in names:
-        raise BadDataError(
-            f"{where}`--id-column` {columns.id!r} is not in the input; available columns: {', '.join(names)}"
-        )
-    if config.input_format is not None:
-        layout = config.input_format
-        required = required_columns(layout, columns)
-        missing = [c for c in required if c not in names]
-        if missing:
-            raise BadDataError(
-                f"{where}`--input-format {layout}` needs column(s) {', '.join(missing)}, which the input lacks; "
-                f"available columns: {', '.join(names)}; map them with `--prompt-column`, "
-                "`--chosen-column`, `--rejected-column`"
-            )
-    else:
-        present = [c for c in dict.fromkeys(wanted) if c in ds.column_names]
-        head = ds.select_columns(present)[: min(_SAMPLE_ROWS, len(ds))]  # through the dataset's transform, if any
-        sample = [dict(zip(head, values)) for values in zip(*head.values())] if head else [{}] * min(_SAMPLE_ROWS, len(ds))
-        try:
-            layout = detect_layout(list(names), sample, columns)
-        except BadDataError as exc:
-            # Name the file: with several inputs in a pipeline, "column 'chosen'
-            # not found" alone does not say which one.
-            raise BadDataError(f"{where}{exc}") from None
-    logger.info("input: %d rows, layout %s", len(ds), layout)
-    return records, layout, columns
-
-
 @dataclasses.dataclass
 class _Prepared:
     start: int
@@ -289,8 +119,7 @@ class PairScorer:
     """
 
     def __init__(self, ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any) -> None:
-        from .batching import PairEncoder
-        from .engine import Engine
+        from .engine import Engine  # imports torch: config.py imports this module while the CLI parses flags
 
         self.ds, self.layout, self.columns, self.config, self.model = ds, layout, columns, config, model
         self.encoder = PairEncoder(
@@ -348,7 +177,7 @@ class PairScorer:
             "measures": list(self.config.measure_list),
             "use_chat_template": self.encoder.use_chat_template,
             "columns": dataclasses.asdict(self.columns),
-            "input": _source_name(data),
+            "input": source_name(data),
             "input_fingerprint": fingerprint,
             "num_rows": self.num_rows,
             "max_length": self.max_length,
@@ -358,7 +187,7 @@ class PairScorer:
 
     def _chunks(self, ranges: Iterable[tuple[int, int]], view: Any) -> Iterator[tuple[int, dict]]:
         size = self.config.chunk_size
-        release = _PageReleaser(self.ds)
+        release = PageReleaser(self.ds)
         for first, stop in ranges:
             for start in range(first, stop, size):
                 chunk = view[start : min(start + size, stop)]
@@ -427,8 +256,6 @@ class PairScorer:
         """One chunk's rows as an Arrow record batch of :attr:`schema`."""
         import pyarrow as pa
 
-        from .measures import MEASURES, MeasureInput, compute_measures
-
         n = len(prepared.statuses)
         encoded = prepared.encoded
         measures = self.config.measure_list
@@ -478,7 +305,7 @@ class PairScorer:
         return pa.RecordBatch.from_arrays(arrays, schema=self.schema)
 
 
-def _load_kwargs(config: ScoreConfig) -> dict:
+def load_kwargs(config: ScoreConfig) -> dict:
     return dict(
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
@@ -492,107 +319,8 @@ def _load_kwargs(config: ScoreConfig) -> dict:
 def build_scorer(ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any = None) -> PairScorer:
     """Load the model ``config`` names (unless given) and build a :class:`PairScorer`."""
     if model is None:
-        from .model import load_model
-
-        model = load_model(config.model, **_load_kwargs(config))
+        model = load_model(config.model, **load_kwargs(config))
     return PairScorer(ds, layout, columns, config, model)
-
-
-def score_pairs(
-    data: Any,
-    config: ScoreConfig | None = None,
-    *,
-    model: Any = None,
-    tokenizer: Any = None,
-    progress: bool | None = None,
-    **overrides: Any,
-):
-    """Score every pair of a preference dataset, through the same pipeline as ``ches-filter score``.
-
-    Args:
-        data: a path (see :func:`ches_filter.io.read_dataset`), a
-            ``datasets.Dataset`` or a list of row dicts.
-        config: a :class:`~ches_filter.config.ScoreConfig`; keyword
-            ``overrides`` replace its fields (or build one).
-        model: what a training script holds: a transformers model object
-            (``AutoModelForCausalLM``; scored in place, in its dtype, in eval
-            mode with every dropout rate at 0, then given back as it came:
-            train/eval flags and dropout rates restored) with ``tokenizer``,
-            a Hub id or local path, a :class:`~ches_filter.model.LoadedModel`,
-            or None for ``config.model``.
-        tokenizer: the tokenizer of a model object.
-        progress: show a progress bar (default: not ``config.quiet``).
-
-    Returns:
-        A ``pyarrow.Table`` with one row per input row, in input order:
-        ``row_index``, the id column if configured, the ``measures``
-        (default ``ches``, ``ln_ches``), ``prompt_tokens``, ``chosen_tokens``, ``rejected_tokens``, ``status``.
-        Its schema metadata (key ``ches_filter``) records model, layout and counts.
-        The parts go through a temporary work directory; to resume after a
-        crash or shard a large dataset, use :func:`ches_filter.run.score_to_file`.
-    """
-    from .run import score_to_table
-
-    config = dataclasses.replace(config, **overrides) if config is not None else ScoreConfig(**overrides)
-    loaded = None
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        from .model import as_loaded_model
-
-        loaded = as_loaded_model(model, tokenizer)
-    elif model is not None or tokenizer is not None:
-        config = dataclasses.replace(config, model=os.fspath(model)) if model is not None else config
-        if tokenizer is not None:
-            from .model import as_loaded_model
-
-            loaded = as_loaded_model(config.model, tokenizer, **_load_kwargs(config))
-    import contextlib
-
-    from .model import ModelState
-
-    # A model object is scored in eval mode with every dropout off (TRL's way, wider), and given back as it came.
-    with ModelState(loaded.decoder, eval=True) if loaded is not None else contextlib.nullcontext():
-        table, _ = score_to_table(data, config, model=loaded, progress=progress)
-    counts = status_counts(table.column("status"))
-    logger.info("scored %d of %d rows (%s)", counts.get("ok", 0), table.num_rows, ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    return table
-
-
-def check_scores_belong(meta: dict, score_rows: int, ds: Any, layout: str, columns: Columns, *, flag: str,
-                        chunk_size: int = 4096) -> None:
-    """Refuse a score file that was not computed for exactly these input rows.
-
-    The one check behind ``prune --scores``, ``validate --scores`` and
-    ``report --data``: same row count, same layout and pair columns, and the
-    same fingerprint of the used columns (:func:`input_fingerprint`).
-
-    Args:
-        meta: the score file's ``ches_filter`` metadata.
-        score_rows: its number of rows.
-        ds, layout, columns: the input as :func:`load_input` opened it.
-        flag: the flag that named the file the user should fix (``--scores``, ``--data``).
-
-    Raises:
-        BadDataError: one line saying what differs.
-    """
-    fix = "pass the input that `ches-filter score` read together with the score file it wrote"
-    if score_rows != len(ds):
-        raise BadDataError(f"`{flag}`: the score file has {score_rows} rows but the input has {len(ds)}; {fix}")
-    stored_layout = meta.get("input_format")
-    if stored_layout and stored_layout != layout:
-        raise BadDataError(f"`{flag}`: the input reads as {layout} but the score file was computed on {stored_layout} input; {fix}")
-    stored_columns = meta.get("columns") or {}
-    if stored_columns and any(stored_columns.get(k) != getattr(columns, k) for k in ("prompt", "chosen", "rejected")):
-        raise BadDataError(
-            f"`{flag}`: the score file was computed with columns {stored_columns}, not the ones given now; pass the same "
-            "`--prompt-column/--chosen-column/--rejected-column`"
-        )
-    expected = meta.get("input_fingerprint")
-    if expected is None:
-        raise BadDataError(f"`{flag}`: the score file carries no input fingerprint; rescore with `ches-filter score`")
-    if input_fingerprint(ds, stored_layout or layout, columns, chunk_size) != expected:
-        raise BadDataError(
-            f"`{flag}`: the score file does not belong to this input (it is not the input it scored: the rows differ); {fix}"
-        )
 
 
 def scores_identity(meta: dict, num_rows: int) -> dict:
@@ -612,7 +340,7 @@ def scores_identity(meta: dict, num_rows: int) -> dict:
 
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
-    from .io import METADATA_KEY
+    from .scorefile import METADATA_KEY  # the score file's metadata key, kept with its writer
 
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     return json.loads(raw) if raw else {}

@@ -1,24 +1,24 @@
 """Choose which scored pairs to keep: the ``prune`` pipeline.
 
-:func:`select_rows` is a pure function of the score table; :func:`prune_pairs`
-reads the input, scores it (or reuses a score file that belongs to it),
-selects, and returns the original rows, untouched, in their original order.
+:func:`select_rows` is a pure function of the score table;
+:func:`ches_filter.prune_pairs` (:mod:`api`) reads the input, scores it (or
+reuses a score file that belongs to it), selects with it, and returns the
+original rows, untouched, in their original order.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import JobConfig, PruneConfig, ScoreConfig
+from .config import PruneConfig, ScoreConfig
 from .errors import BadDataError, BadFlagError
 from .measures import MEASURES, risk_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Selection", "select_rows", "prune_pairs", "PruneResult"]
+__all__ = ["Selection", "select_rows", "PruneResult"]
 
 SCORED_STATUS = "ok"
 HIGH_SCORE = "high_score"
@@ -160,7 +160,7 @@ def select_rows(scores: Any, config: PruneConfig) -> Selection:
 
 @dataclass
 class PruneResult:
-    """What :func:`prune_pairs` returns.
+    """What :func:`ches_filter.prune_pairs` returns.
 
     Attributes:
         records: the input (:class:`~ches_filter.records.Records`).
@@ -254,72 +254,6 @@ class PruneResult:
         }
 
 
-def prune_pairs(
-    data: Any,
-    config: PruneConfig | None = None,
-    *,
-    scores: Any = None,
-    score_config: ScoreConfig | None = None,
-    job: JobConfig | None = None,
-    output: str | None = None,
-    model: Any = None,
-    tokenizer: Any = None,
-    **overrides: Any,
-) -> PruneResult | None:
-    """Score (or reuse scores) and keep the lowest-risk pairs.
-
-    Scoring goes through the one pipeline (:func:`ches_filter.run.score_to_table`):
-    resumable in ``job.work_dir`` (default ``OUTPUT.parts`` when ``output``
-    is given, else a temporary directory), and data parallel under torchrun.
-
-    Args:
-        data: path, ``datasets.Dataset`` or list of row dicts.
-        config: the :class:`~ches_filter.config.PruneConfig`; keyword
-            ``overrides`` replace its fields (or build one).
-        scores: a score table (``pyarrow.Table``) or the path of a score
-            Parquet for exactly this input; checked by fingerprint.
-        score_config: how to read and score ``data``.
-        job: work directory and checkpoint size of the scoring.
-        output: where the caller will write the kept rows (names the default work directory).
-        model, tokenizer: an already loaded model to score with (see :func:`ches_filter.score_pairs`).
-
-    Returns:
-        A :class:`PruneResult` (its ``work`` is the work directory the caller
-        removes once its outputs are written), or None on torchrun ranks other than 0.
-    """
-    import pyarrow as pa
-
-    from .io import read_table
-    from .scoring import check_scores_belong, load_records, table_metadata
-
-    config = dataclasses.replace(config, **overrides) if config is not None else PruneConfig(**overrides)
-    score_config = score_config or ScoreConfig()
-    if scores is None and config.by not in score_config.measure_list:
-        raise BadFlagError(
-            f"`--by {config.by}` ranks by a measure that `--measures {score_config.measures}` does not compute; "
-            f"add it: `--measures {score_config.measures},{config.by}`"
-        )
-    records, layout, columns = load_records(data, score_config)
-    ds = records.scored
-    work = None
-    if scores is None:
-        from .model import as_loaded_model
-        from .run import score_to_table
-
-        loaded = as_loaded_model(model, tokenizer) if model is not None and not isinstance(model, str) else None
-        table, work = score_to_table(
-            data, score_config, job, output=output, model=loaded, prepared=(ds, layout, columns)
-        )
-        if table is None:
-            return None
-    else:
-        table = read_table(str(scores))[0] if not isinstance(scores, pa.Table) else scores
-        check_scores_belong(table_metadata(table), table.num_rows, ds, layout, columns, flag="--scores",
-                            chunk_size=score_config.chunk_size)
-    selection = select_rows(table, config)
-    return PruneResult(records=records, scores=table, selection=selection, add_scores=config.add_scores, work=work)
-
-
 #: ScoreConfig fields that never change a score value: where and how fast scoring runs, what it prints,
 #: permission to run remote code, and which rows are read (``--split``/``--subset``; the input
 #: fingerprint ties the score file to those rows). Every other field is compared by
@@ -403,7 +337,7 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
         BadDataError: the score file cannot be read.
     """
     from .errors import BadFlagError
-    from .io import read_table
+    from .scorefile import read_table
 
     _, meta = read_table(str(scores))
     settings = _score_settings(config, meta)

@@ -210,7 +210,7 @@ class _Trainer:
         import torch
 
         from .engine import default_workers
-        from .logprobs import _head_is_exact, packed_is_exact
+        from .logprobs import head_is_exact, packed_is_exact
         from .model import ModelState, flash_attention_problem, training_autocast
 
         self.lm = loaded.decoder
@@ -255,7 +255,7 @@ class _Trainer:
         # pass over all threads: side by side (gradients added in order) they
         # were 7-9 % slower on this 2-core CPU (docs/validate.md).
         self.workers = score_config.engine_workers or default_workers(self.device)
-        _head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
+        head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
 
     def restore(self) -> None:
         import torch
@@ -310,9 +310,9 @@ class _Trainer:
 
     def _shrink_head(self) -> bool:
         """After one pair ran out of memory: halve the LM-head chunk while it holds more than one position."""
-        from .logprobs import _vocab
+        from .logprobs import vocab_size
 
-        if self.head_elements // 2 < _vocab(self.lm):
+        if self.head_elements // 2 < vocab_size(self.lm):
             return False
         self.head_elements //= 2
         said = getattr(self, "_said_head", False)
@@ -591,7 +591,7 @@ def _score_beside(data: Any, path: str, scoring: ScoreConfig, progress: bool | N
     Scoring left there by a run with other flags or input is discarded and redone.
     """
     from .config import JobConfig
-    from .io import _remove, writing
+    from .atomic import remove, writing
     from .run import score_to_file
 
     try:
@@ -602,7 +602,7 @@ def _score_beside(data: Any, path: str, scoring: ScoreConfig, progress: bool | N
     _discard_work(path)
     if os.path.lexists(path):
         with writing(path):
-            _remove(path)
+            remove(path)
     score_to_file(data, path, scoring, JobConfig(keep_work_dir=True), overwrite=True, progress=progress)
 
 
@@ -657,13 +657,13 @@ def _foreign_to_validate(output_dir: str) -> list[str]:
 
 def _discard_work(scores_path: str) -> None:
     """Delete the scoring work directory of ``scores_path`` and any half-deleted copy of it, whatever their state."""
-    from .io import _remove, writing  # _remove: a symbolic link goes, never what it points at
+    from .atomic import remove, writing  # remove: a symbolic link goes, never what it points at
     from .run.workdir import WorkDir, default_work_dir
 
     work = WorkDir(default_work_dir(scores_path))
     for path in (work.path, work.trash):
         with writing(path):
-            _remove(path)
+            remove(path)
 
 
 def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite: bool) -> bool:
@@ -672,7 +672,7 @@ def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite:
     Returns:
         True when OUT_DIR is an unfinished run to resume (accepted without ``overwrite``).
     """
-    from .io import check_not_matched, check_paths
+    from .paths import check_not_matched, check_paths
 
     resume = not overwrite and _unfinished(output_dir)
     check_paths({"--output": output_dir}, inputs, overwrite=overwrite, may_exist={"--output"} if resume else (),
@@ -694,7 +694,8 @@ def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, p
     """
     import pyarrow.parquet as pq
 
-    from .io import atomic_paths, with_metadata, writing
+    from .atomic import atomic_paths, writing
+    from .scorefile import with_metadata
 
     table = with_metadata(table, metadata)
     files: list[tuple[str, Callable[[str], None]]] = [
@@ -790,7 +791,7 @@ def run_validate(
     Returns:
         The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
     """
-    from .run.pipeline import input_paths
+    from .inputs import input_paths
     from .run.workdir import WorkDir
 
     started = time.perf_counter()
@@ -838,8 +839,9 @@ def _run_locked(
 
     from .batching import PairEncoder
     from .formats import normalize_row
-    from .io import read_table
-    from .scoring import check_scores_belong, load_input, scores_identity
+    from .scorefile import read_table
+    from .inputs import check_scores_belong, load_input
+    from .scoring import scores_identity
 
     from .run.workdir import WorkDir, default_work_dir
 
@@ -1044,8 +1046,8 @@ def _run_locked(
         logger.info("removing %s (and its parts) of an earlier run: this run used %s", own_scores, scores)
         _discard_work(own_scores)
         if not os.path.isdir(own_scores) or os.path.islink(own_scores):
-            from .io import _remove
+            from .atomic import remove
 
-            _remove(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
+            remove(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
     summary["table"] = format_table(summary)
     return summary

@@ -30,7 +30,7 @@ from pathlib import Path
 from ches_filter.config import DisplacementConfig, ScoreConfig
 from ches_filter.displacement import displacement_summary, format_summary, measure_displacement
 from ches_filter.model import load_model
-from ches_filter.scoring import score_pairs
+from ches_filter.api import score_pairs
 
 PERSONA = Path(__file__).resolve().parents[2] / "shared" / "data" / "persona-ends-justify-means.jsonl"
 

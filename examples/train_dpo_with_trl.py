@@ -36,7 +36,7 @@ def main() -> None:
     except ImportError:
         sys.exit("this example needs TRL: pip install 'ches-filter[trl]'")
 
-    from ches_filter.io import read_dataset
+    from ches_filter.sources import read_dataset
     from ches_filter.model import load_model
 
     dataset = read_dataset(args.pruned)

@@ -227,7 +227,7 @@ def test_cli_displacement(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert "Spearman correlation with displacement over 6 pairs" in result.output
     assert "-edit_distance" in result.output and "top ches quartile" in result.output
-    from ches_filter.io import read_table
+    from ches_filter.scorefile import read_table
 
     table, meta = read_table(str(out))
     assert table.num_rows == 6 and meta["summary"]["steps"] == 1

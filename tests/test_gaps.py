@@ -29,7 +29,8 @@ from ches_filter.config import PruneConfig, ScoreConfig
 from ches_filter.engine import Engine
 from ches_filter.errors import BadDataError, BadFlagError
 from ches_filter.formats import Columns, normalize_row
-from ches_filter.scoring import score_pairs, table_metadata
+from ches_filter.api import score_pairs
+from ches_filter.scoring import table_metadata
 from ches_filter.select import select_rows
 
 from conftest import tiny_llama
@@ -364,7 +365,7 @@ def _mapped(files):
 def test_page_releaser_unmaps_the_dataset_pages_and_the_data_reads_back(tmp_path):
     import datasets
 
-    from ches_filter.scoring import _PageReleaser
+    from ches_filter.inputs import PageReleaser
 
     rows = {"text": [f"{i:06d} " + "lorem ipsum " * 80 for i in range(6000)]}  # ~6 MB of Arrow
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
@@ -376,7 +377,7 @@ def test_page_releaser_unmaps_the_dataset_pages_and_the_data_reads_back(tmp_path
     mapped = _mapped(files)
     assert mapped and sum(rss for *_, rss in mapped) > 1024, mapped  # over 1 MB resident
 
-    release = _PageReleaser(ds)
+    release = PageReleaser(ds)
     assert release.files == files and release.madvise is not None
     calls = []
     real = release.madvise
@@ -395,7 +396,7 @@ def test_page_releaser_unmaps_the_dataset_pages_and_the_data_reads_back(tmp_path
     assert ds[:]["text"] == rows["text"]  # faulted back in from the file, unchanged
 
     in_memory = datasets.Dataset.from_dict({"text": ["a"]})
-    idle = _PageReleaser(in_memory)
+    idle = PageReleaser(in_memory)
     assert idle.files == set() and idle.madvise is None
     idle()  # nothing to release, no error
 

@@ -38,7 +38,7 @@ def _dropout_rates(lm) -> list[float]:
 
 # ------------------------------------------------------------------ 1. dropout
 def test_a_model_object_in_training_mode_is_scored_as_in_eval_mode_and_given_back(embedded_tokenizer):
-    from ches_filter.scoring import score_pairs
+    from ches_filter.api import score_pairs
 
     rows = read_hh(6)
     lm = tiny_gpt2(len(embedded_tokenizer))
@@ -347,7 +347,7 @@ def test_flash_attention_that_cannot_run_is_one_line_before_anything_is_written(
 
 def test_the_head_check_raises_what_the_model_raises():
     """The head-exactness check no longer reads an error (out of memory, a kernel refusing a dtype) as "not exact"."""
-    from ches_filter.logprobs import _head_is_exact
+    from ches_filter.logprobs import head_is_exact
 
     lm = tiny_causal_llama()
 
@@ -356,9 +356,9 @@ def test_the_head_check_raises_what_the_model_raises():
 
     lm.model.layers[0].mlp.forward = broken
     with pytest.raises(torch.OutOfMemoryError):
-        _head_is_exact(lm, "cpu")
+        head_is_exact(lm, "cpu")
     assert getattr(lm, "_ches_filter_head_exact", None) is None  # nothing cached from a failed check
-    assert _head_is_exact(tiny_causal_llama(), "cpu") is True
+    assert head_is_exact(tiny_causal_llama(), "cpu") is True
 
 
 # ------------------------------------------------------------------ 4. loading straight to the device

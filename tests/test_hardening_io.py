@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from ches_filter import io
+from ches_filter import paths, records, scorefile, sources
 from ches_filter.cli import main
 from ches_filter.errors import BadDataError, BadFlagError
 
@@ -60,7 +60,7 @@ def snapshot(root):
 def make_scores(data, out, **config):
     """A score file for ``data`` that prune accepts: the real input fingerprint, made-up scores (rank = row)."""
     from ches_filter.config import ScoreConfig
-    from ches_filter.scoring import input_fingerprint, load_input
+    from ches_filter.inputs import input_fingerprint, load_input
 
     ds, layout, columns = load_input(str(data), ScoreConfig(**config))
     n = len(ds)
@@ -76,7 +76,7 @@ def make_scores(data, out, **config):
         "input_format": layout,
         "num_rows": n,
     }
-    io.write_table(table, str(out), metadata=meta, overwrite=True)
+    scorefile.write_table(table, str(out), metadata=meta, overwrite=True)
     return out
 
 
@@ -270,16 +270,16 @@ def test_check_paths_compares_every_named_path(tmp_path):
     a.write_text("x\n")
     os.link(a, tmp_path / "b.jsonl")
     with pytest.raises(BadFlagError, match=r"`--one` .* and `--three` .* same file \(hard links"):
-        io.check_paths({"--one": str(a), "--two": str(tmp_path / "c"), "--three": str(tmp_path / "b.jsonl")},
+        paths.check_paths({"--one": str(a), "--two": str(tmp_path / "c"), "--three": str(tmp_path / "b.jsonl")},
                        overwrite=True)
     with pytest.raises(BadFlagError, match=r"`--two` .*b\.jsonl is the same path as the input `IN`"):
-        io.check_paths({"--two": str(tmp_path / "b.jsonl")}, {"IN": str(a)}, overwrite=True)
+        paths.check_paths({"--two": str(tmp_path / "b.jsonl")}, {"IN": str(a)}, overwrite=True)
     with pytest.raises(BadFlagError, match=r"`--x` .* exists; pass `--overwrite`"):
-        io.check_paths({"--x": str(a)}, overwrite=False)
-    io.check_paths({"--x": str(a)}, overwrite=False, may_exist=["--x"])
-    io.check_paths({"--x": str(tmp_path / "new"), "--y": None}, {"IN": "owner/name"}, overwrite=False)
+        paths.check_paths({"--x": str(a)}, overwrite=False)
+    paths.check_paths({"--x": str(a)}, overwrite=False, may_exist=["--x"])
+    paths.check_paths({"--x": str(tmp_path / "new"), "--y": None}, {"IN": "owner/name"}, overwrite=False)
     with pytest.raises(BadFlagError, match="for `--x` .* does not exist"):
-        io.check_paths({"--x": str(tmp_path / "no" / "out.jsonl")}, overwrite=True)
+        paths.check_paths({"--x": str(tmp_path / "no" / "out.jsonl")}, overwrite=True)
 
 
 # --------------------------------------------------------------------------
@@ -451,16 +451,16 @@ def test_json_array_input_refuses_big_integers_for_jsonl(tmp_path):
 def test_a_column_mixing_integers_and_fractions_comes_back_as_the_same_numbers(tmp_path):
     """Documented: Arrow stores such a column as floats, so 1 is written back as 1.0 (the same number)."""
     rows = [dict(PAIRS[0], n=1), dict(PAIRS[1], n=2.5), dict(PAIRS[2], n=2**53)]
-    ds = io.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
-    io.write_dataset(ds, str(tmp_path / "out.jsonl"))
+    ds = sources.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    records.write_dataset(ds, str(tmp_path / "out.jsonl"))
     got = [r["n"] for r in _read_jsonl(tmp_path / "out.jsonl")]
     assert got == [1.0, 2.5, float(2**53)] and all(isinstance(v, float) for v in got)
 
 
 def test_large_integers_in_an_integer_column_stay_exact(tmp_path):
     rows = [dict(PAIRS[0], n=2**63 - 1), dict(PAIRS[1], n=2**53 + 1)]
-    ds = io.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
-    io.write_dataset(ds, str(tmp_path / "out.jsonl"))
+    ds = sources.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    records.write_dataset(ds, str(tmp_path / "out.jsonl"))
     assert all(_same(a, b) for a, b in zip(_read_jsonl(tmp_path / "out.jsonl"), rows))
 
 
@@ -492,7 +492,7 @@ def test_directory_with_files_it_cannot_read_is_refused(tmp_path, stray):
     pq.write_table(pa.Table.from_pylist(_hh(3)), data / "p1.parquet")
     (data / stray).write_text("hello\n")
     with pytest.raises(BadDataError, match=os.path.basename(stray).replace(".", r"\.")):
-        io.read_dataset(str(data))
+        sources.read_dataset(str(data))
     result = invoke("prune", data, "--keep", "0.5", "-o", tmp_path / "out.parquet")
     assert result.exit_code == 1 and os.path.basename(stray) in result.output
 
@@ -510,7 +510,7 @@ def test_directory_reads_every_data_file_and_ignores_hidden_and_docs(tmp_path, m
     (data / ".DS_Store").write_bytes(b"\x00\x01junk")
     (data / ".git" / "config.txt").write_text("x")
     (data / ".a.jsonl.tmp-123").write_text("half a line")
-    ds = io.read_dataset(str(data))
+    ds = sources.read_dataset(str(data))
     assert len(ds) == 9
     # sorted by path: README.jsonl, a.jsonl, sub/b.jsonl
     assert ds["chosen"] == [r["chosen"] for r in _hh(1, 8) + _hh(6) + _hh(2, 6)]
@@ -525,10 +525,10 @@ def test_directory_of_parquet_and_glob_still_read(tmp_path):
     pq.write_table(pa.Table.from_pylist(_hh(3)), data / "p1.parquet")
     pq.write_table(pa.Table.from_pylist(_hh(2, 3)), data / "p2.parquet")
     write_jsonl(data / "a.jsonl", _hh(6))
-    assert len(io.read_dataset(str(data / "*.parquet"))) == 5  # a glob names what to read
-    assert len(io.read_dataset(str(data / "*.jsonl"))) == 6
+    assert len(sources.read_dataset(str(data / "*.parquet"))) == 5  # a glob names what to read
+    assert len(sources.read_dataset(str(data / "*.jsonl"))) == 6
     (data / "a.jsonl").unlink()
-    assert len(io.read_dataset(str(data))) == 5
+    assert len(sources.read_dataset(str(data))) == 5
 
 
 # --------------------------------------------------------------------------

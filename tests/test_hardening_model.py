@@ -296,7 +296,8 @@ def test_the_pattern_holds_every_special_token(tiny):
 
 def _score(tiny, rows, mode, **kw):
     from ches_filter.config import ScoreConfig
-    from ches_filter.scoring import score_pairs, table_metadata
+    from ches_filter.api import score_pairs
+    from ches_filter.scoring import table_metadata
 
     table = score_pairs(rows, ScoreConfig(on_special_tokens=mode, quiet=True, **kw), model=tiny)
     return table, table_metadata(table)

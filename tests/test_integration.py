@@ -137,7 +137,7 @@ def test_statuses_for_unscorable_rows(embedded):
 def test_prune_cli_output_loads_in_datasets_and_keeps_lowest(tmp_path, hh40, scores40):
     import datasets
 
-    from ches_filter.io import write_table
+    from ches_filter.scorefile import write_table
     from click.testing import CliRunner
 
     data = tmp_path / "hh40.jsonl"
@@ -165,7 +165,7 @@ def test_prune_cli_output_loads_in_datasets_and_keeps_lowest(tmp_path, hh40, sco
 def test_scores_for_another_input_are_refused(tmp_path, hh40, scores40):
     from click.testing import CliRunner
 
-    from ches_filter.io import write_table
+    from ches_filter.scorefile import write_table
 
     data = tmp_path / "other.jsonl"
     rows = [dict(r) for r in hh40]

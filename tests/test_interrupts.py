@@ -10,7 +10,7 @@ import socket
 import pytest
 from click.testing import CliRunner
 
-from ches_filter import io
+from ches_filter import atomic
 from ches_filter.cli import main
 
 from conftest import EXAMPLE_HH, REPO
@@ -33,14 +33,14 @@ def test_sigterm_during_prunes_final_write_leaves_no_temporaries(workspace, monk
     received = []
     # Without ches-filter's own handler, this one would only note the signal and the write would finish.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    real_fsync = io._fsync_tree
+    real_fsync = atomic.fsync_tree
 
     def terminated_while_flushing(path):
         assert os.path.exists(path)  # the temporary is on disk when the signal arrives
         os.kill(os.getpid(), signal.SIGTERM)
         return real_fsync(path)
 
-    monkeypatch.setattr(io, "_fsync_tree", terminated_while_flushing)
+    monkeypatch.setattr(atomic, "fsync_tree", terminated_while_flushing)
     try:
         result = CliRunner().invoke(main, PRUNE)
         assert result.exit_code == 143, result.output

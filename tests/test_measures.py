@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from ches_filter.config import ScoreConfig
 from ches_filter.errors import BadFlagError
 from ches_filter.measures import last_hidden_ip, levenshtein, normalized_edit_distance
-from ches_filter.scoring import score_pairs, table_metadata
+from ches_filter.api import score_pairs
+from ches_filter.scoring import table_metadata
 
 
 def reference_levenshtein(a, b):
@@ -121,7 +122,7 @@ def test_cli_score_with_measures_and_layout(tmp_path, tiny_model_dir):
     from click.testing import CliRunner
 
     from ches_filter.cli import main
-    from ches_filter.io import read_table
+    from ches_filter.scorefile import read_table
 
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -23,7 +23,7 @@ import pytest
 
 from ches_filter.config import ScoreConfig
 from ches_filter.formats import normalize_row
-from ches_filter.scoring import load_records
+from ches_filter.inputs import load_records
 
 from test_hardening_io import invoke, make_scores, snapshot
 

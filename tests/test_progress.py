@@ -3,7 +3,8 @@
 import pytest
 
 from ches_filter.config import ScoreConfig
-from ches_filter.scoring import build_scorer, load_input
+from ches_filter.inputs import load_input
+from ches_filter.scoring import build_scorer
 
 from conftest import read_hh
 

@@ -49,7 +49,7 @@ def score_table(data, measure_fn=None):
     import pyarrow as pa
 
     from ches_filter.formats import Columns
-    from ches_filter.scoring import input_fingerprint
+    from ches_filter.inputs import input_fingerprint
 
     measure_fn = measure_fn or (lambda i: (float(i * 1000 - 7000 * (i % 3)), float((i * 37) % 29) - 10.0))
     n = len(data)
@@ -286,7 +286,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 @pytest.mark.slow
 def test_report_on_real_scores(tmp_path, embedded):
-    from ches_filter.scoring import score_pairs
+    from ches_filter.api import score_pairs
 
     data = read_hh(6)
     source = write_jsonl(tmp_path / "hh.jsonl", data)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from ches_filter.cli import main
 from ches_filter.config import JobConfig
 from ches_filter.run import WorkDir, score_to_file
-from ches_filter.scoring import score_pairs
+from ches_filter.api import score_pairs
 
 from conftest import read_hh
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from ches_filter.cli import main
 from ches_filter.config import ScoreConfig
 from ches_filter.errors import BadFlagError
-from ches_filter.io import read_dataset
+from ches_filter.sources import read_dataset
 
 from conftest import EXAMPLE_HH, REPO
 
@@ -135,7 +135,7 @@ def test_overwrite_replaces_a_directory_ches_filter_wrote(tmp_path):
 def test_a_saved_dataset_dict_and_hidden_files(tmp_path):
     import datasets
 
-    from ches_filter.io import foreign_to_dataset
+    from ches_filter.paths import foreign_to_dataset
 
     ds = datasets.Dataset.from_dict({"a": [1, 2]})
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
@@ -344,7 +344,8 @@ def _own_columns() -> tuple[str, ...]:
 
 def test_own_columns_are_read_from_the_schema_and_the_registry(tiny_model_dir):
     from ches_filter.measures import MEASURES
-    from ches_filter.scoring import TAIL_COLUMNS, score_pairs
+    from ches_filter.api import score_pairs
+    from ches_filter.scoring import TAIL_COLUMNS
 
     own = _own_columns()
     assert set(MEASURES.names()) <= set(own) and set(TAIL_COLUMNS) <= set(own)

@@ -594,7 +594,7 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
     import errno
     import socket
 
-    import ches_filter.io as io_module
+    import ches_filter.atomic as io_module
 
     data = _hh_subset(tmp_path)
     out = tmp_path / "out"
@@ -609,21 +609,21 @@ def test_a_stale_lock_is_taken_over_and_a_failed_write_keeps_the_earlier_outputs
     earlier = {name: (out / name).read_bytes() for name in names}
 
     # The disk fills while one of the outputs is flushed: none of the new ones may replace an earlier one.
-    real_fsync = io_module._fsync_tree
+    real_fsync = io_module.fsync_tree
     for failing in names:
         def full_disk(path, failing=failing):
             if f".{failing}.tmp-" in path:
                 raise OSError(errno.ENOSPC, "No space left on device")
             real_fsync(path)
 
-        monkeypatch.setattr(io_module, "_fsync_tree", full_disk)
+        monkeypatch.setattr(io_module, "fsync_tree", full_disk)
         result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
         assert result.exit_code == 1, result.output
         assert "no space left on" in _error_line(result) and failing in _error_line(result)
         assert {name: (out / name).read_bytes() for name in names} == earlier, failing
         # No temporaries, no lock; the new scoring's parts stay beside the earlier run for the rerun.
         assert sorted(p.name for p in out.iterdir()) == sorted([".scores.new.parquet.parts", "scores.parquet", *names])
-    monkeypatch.setattr(io_module, "_fsync_tree", real_fsync)
+    monkeypatch.setattr(io_module, "fsync_tree", real_fsync)
     result = CliRunner().invoke(main, [*args, "--overwrite", "--seed", "7"])
     assert result.exit_code == 0, result.output
     assert (out / "validate.parquet").read_bytes() != earlier["validate.parquet"]
@@ -773,8 +773,8 @@ def test_overwrite_interrupted_after_scoring_keeps_the_old_run_and_resumes(tmp_p
     summary), and the same command resumes it, reusing the finished scoring."""
     import pyarrow.parquet as pq
 
-    from ches_filter import scoring
     from ches_filter import validate as validate_module
+    from ches_filter.run import pipeline as pipeline_module
 
     data = _hh_subset(tmp_path)
     out = tmp_path / "out"
@@ -791,7 +791,7 @@ def test_overwrite_interrupted_after_scoring_keeps_the_old_run_and_resumes(tmp_p
     assert {name: (out / name).read_bytes() for name in old} == old  # the old run, whole
     assert "edit_distance" in pq.read_table(out / validate_module.NEW_SCORES).column_names  # the new scoring, beside
     # The same command reuses the finished scoring: no scorer is built again.
-    monkeypatch.setattr(scoring, "build_scorer", lambda *a, **k: pytest.fail("scored again"))
+    monkeypatch.setattr(pipeline_module, "build_scorer", lambda *a, **k: pytest.fail("scored again"))
     resumed = CliRunner().invoke(main, again)
     assert resumed.exit_code == 0, resumed.output
     assert sorted(p.name for p in out.iterdir()) == ["scores.parquet", "summary.json", "validate.parquet", "validate.png"]

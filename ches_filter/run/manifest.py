@@ -93,7 +93,7 @@ def output_matches(output: str, manifest: dict | None) -> bool:
     """Whether ``output`` is the assembled result of the job ``manifest`` describes."""
     if manifest is None or not os.path.isfile(output):
         return False
-    from ..io import read_table
+    from ..scorefile import read_table
 
     try:
         table, meta = read_table(output)

@@ -14,7 +14,12 @@ import logging
 import os
 from typing import Any, Iterator
 
+from ..batching import SpecialRows
 from ..errors import BadDataError, BadFlagError
+from ..atomic import atomic_path
+from ..paths import check_output_path
+from ..scorefile import METADATA_KEY
+from ..scoring import merge_counts, status_counts
 from .topology import part_grid, shard_slice
 from .workdir import WorkDir
 
@@ -54,10 +59,6 @@ def _coverage_problem(work: WorkDir, manifest: dict, parts: dict[tuple[int, int]
 def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tuple[int, int], str]], Any]:
     """The manifest's metadata (with counts), the parts in row order, and the output schema."""
     import pyarrow as pa
-
-    from ..batching import SpecialRows
-    from ..io import METADATA_KEY
-    from ..scoring import merge_counts, status_counts
 
     manifest = work.read_manifest()
     if manifest is None:
@@ -128,8 +129,6 @@ def assemble(work: WorkDir, output: str, *, overwrite: bool = False, input_name:
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ..io import atomic_path, check_output_path
 
     metadata, ordered, schema = _parts(work, input_name)
     check_output_path(output, inputs=[metadata["input"]] if metadata.get("input") else [], overwrite=overwrite)

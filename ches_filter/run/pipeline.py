@@ -2,10 +2,10 @@
 
 Every command that scores goes through :func:`run_job`: ``score`` (then
 :func:`~ches_filter.run.merge.assemble` into a file, :func:`score_to_file`),
-``prune``, ``validate`` and :func:`ches_filter.score_pairs` (then
-:func:`~ches_filter.run.merge.assemble_table` into memory,
-:func:`score_to_table`). So resume, shards, torchrun, progress, locking and
-metadata exist once:
+``prune`` and ``validate`` (then :func:`~ches_filter.run.merge.assemble_table`
+into memory, :func:`score_to_table`; so does :func:`ches_filter.score_pairs`
+under torchrun, which otherwise scores in memory with the same scorer and
+grid). So resume, shards, torchrun, progress, locking and metadata exist once:
 
 * Rows are cut into **parts** on a fixed grid of ``checkpoint_every`` rows
   (:func:`~ches_filter.run.topology.part_grid`). Each part is scored, then
@@ -46,6 +46,9 @@ from typing import Any, Iterator
 
 from ..config import JobConfig, ScoreConfig
 from ..errors import BadDataError, BadFlagError, ChesFilterError
+from ..inputs import input_fingerprint, input_paths, load_input
+from ..paths import check_output_path
+from ..scoring import build_scorer, merge_counts, status_counts
 from . import manifest as ids
 from .merge import assemble, assemble_table, ranges_text
 from .topology import Group, Topology, part_grid, select_device, shard_slice
@@ -58,11 +61,6 @@ __all__ = ["score_to_file", "score_to_table", "run_job", "JobResult"]
 
 def _rows(ranges: list[tuple[int, int]]) -> int:
     return sum(b - a for a, b in ranges)
-
-
-def input_paths(data: Any) -> list[str]:
-    """The local paths ``data`` names (none for in-memory data or a Hub id)."""
-    return [os.fspath(data)] if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") else []
 
 
 @dataclass
@@ -225,8 +223,6 @@ def _claimed(work: WorkDir, plan: dict, topology: Topology) -> Iterator[tuple[in
 
 def _score_parts(scorer: Any, work: WorkDir, plan: dict, group: Group, show: bool) -> dict:
     """Score this rank's parts, writing each as it finishes; return this run's stats record."""
-    from ..scoring import merge_counts, status_counts
-
     topology = group.topology
     bar = _Progress(group, total=_rows(plan["shard"]), initial=_rows(plan["done"]), todo=_rows(plan["todo"]),
                     show=show, key=plan["key"])
@@ -287,7 +283,7 @@ def run_job(
         model: an already loaded model (single process only).
         progress: show a progress bar on rank 0 (default: not ``config.quiet``).
         prepared: ``(dataset, layout, columns)`` already opened by
-            :func:`ches_filter.scoring.load_input` (skips a second read).
+            :func:`ches_filter.inputs.load_input` (skips a second read).
 
     Returns:
         A :class:`JobResult`.
@@ -331,8 +327,6 @@ _HELD: set[tuple[str, int, int]] = set()
 
 
 def _run(data, config, job, work, group, *, output, overwrite, model, progress, prepared) -> JobResult:
-    from ..scoring import build_scorer, input_fingerprint, load_input
-
     topology = group.topology
     # Rank 0 converts the input to Arrow first; the others then read its cache.
     if topology.rank != 0:
@@ -422,7 +416,7 @@ def score_to_file(
     shard is done.
 
     Args:
-        data: a path (see :func:`ches_filter.io.read_dataset`), a
+        data: a path (see :func:`ches_filter.sources.read_dataset`), a
             ``datasets.Dataset`` or a list of row dicts.
         output: the score file (``.parquet``) to write.
         config: how to read and score (:class:`~ches_filter.config.ScoreConfig`).
@@ -442,8 +436,6 @@ def score_to_file(
             input, the work directory holds a different run, or another run holds it.
         BadDataError: the input cannot be read.
     """
-    from ..io import check_output_path
-
     config = config or ScoreConfig()
     job = job or JobConfig()
     output = os.fspath(output)

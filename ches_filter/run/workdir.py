@@ -12,7 +12,7 @@ Layout (datatrove style; default ``OUTPUT.parts/``)::
 
 ``validate`` locks its output directory the same way (``OUT_DIR/locks/validate.lock``).
 
-Every file is written through one atomic writer (:func:`ches_filter.io.atomic_path`):
+Every file is written through one atomic writer (:func:`ches_filter.atomic.atomic_path`):
 a temporary sibling, fsync, rename. A file on disk is therefore always
 complete, and a full disk or a refused write is one line naming the path, with
 the temporary removed. The manifest alone is created first-wins (``os.link``),
@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from ..errors import BadDataError, BadFlagError
-from ..io import atomic_path, writing
+from ..atomic import atomic_path, writing
 
 logger = logging.getLogger(__name__)
 
