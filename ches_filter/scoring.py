@@ -612,7 +612,6 @@ def scores_identity(meta: dict, num_rows: int) -> dict:
 
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
-    from .io import METADATA_KEY
+    from .io import parse_metadata
 
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    return parse_metadata(table.schema.metadata, "the score table")

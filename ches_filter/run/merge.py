@@ -56,7 +56,7 @@ def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tupl
     import pyarrow as pa
 
     from ..batching import SpecialRows
-    from ..io import METADATA_KEY
+    from ..io import with_metadata
     from ..scoring import merge_counts, status_counts
 
     manifest = work.read_manifest()
@@ -83,7 +83,7 @@ def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tupl
     metadata["special_token_rows"] = special.count
     special.log(metadata.get("on_special_tokens"))
     schema = _read(ordered[0][1]).schema.remove_metadata()
-    schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
+    schema = with_metadata(schema, metadata)
     assert isinstance(schema, pa.Schema)
     return metadata, ordered, schema
 
