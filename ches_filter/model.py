@@ -316,12 +316,10 @@ def cached_gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
     """Return ``(directory, sha256)`` of the converted checkpoint for a GGUF file, converting once.
 
     A cache entry that is incomplete or corrupt (a file cut short, a JSON
-    file that does not parse) is moved aside and converted again.
+    file that does not parse) is moved aside and converted again. The GGUF
+    file and the cache root are checked by :func:`load_model` before
+    (:func:`check_model_source`, :func:`check_cache_root`).
     """
-    check_cache_root()
-    problem = _gguf_magic_problem(gguf)
-    if problem:
-        raise _gguf_error(gguf, problem)
     sha = file_sha256(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
     if target.is_dir():
