@@ -18,7 +18,7 @@ import click
 from . import __version__
 from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
 from .config import ATTN_IMPLEMENTATIONS, DEFAULT_CHECKPOINT_EVERY, DTYPES, JobConfig, PruneConfig, ScoreConfig
-from .errors import ChesFilterError
+from .errors import BadDataError, ChesFilterError
 from .formats import LAYOUTS
 from .measures import DEFAULT_MEASURES, MEASURES
 from .strategies import ENGINE_CHOICES, STRATEGIES
@@ -185,12 +185,11 @@ def _special_rows(output: str) -> int:
     """``special_token_rows`` recorded in a written score file's metadata (0 when absent)."""
     import pyarrow.parquet as pq
 
-    from .scorefile import METADATA_KEY
+    from .scorefile import parse_metadata
 
     try:
-        raw = (pq.read_schema(output).metadata or {}).get(METADATA_KEY)
-        return int(json.loads(raw).get("special_token_rows") or 0) if raw else 0
-    except (OSError, ValueError):
+        return int(parse_metadata(pq.read_schema(output).metadata, output).get("special_token_rows") or 0)
+    except (OSError, ValueError, BadDataError):
         return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
 from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
@@ -102,9 +102,6 @@ class ScoreConfig:
             )
         if self.device_map is not None and self.device not in ("auto",):
             raise BadFlagError("`--device-map` places the model itself; leave `--device` at auto when using it")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def measure_list(self) -> tuple[str, ...]:

@@ -24,7 +24,6 @@ same forward passes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -508,9 +507,9 @@ def measure_displacement(
         "config": dataclasses.asdict(config),
         "summary": summary,
     }
-    from .scorefile import METADATA_KEY
+    from .scorefile import with_metadata
 
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata).encode()})
+    return with_metadata(table, metadata)
 
 
 # ------------------------------------------------------------------- summary

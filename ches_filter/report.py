@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from . import __version__
 from .config import PruneConfig, ReportConfig, ScoreConfig
@@ -33,6 +33,9 @@ from .measures import MEASURES
 from .select import kept_count, rank_scored
 from .stats import as_float_array as _array
 from .stats import QUANTILES, describe, rank_correlation
+
+if TYPE_CHECKING:
+    from .validate import ValidateSummary
 
 logger = logging.getLogger(__name__)
 
@@ -536,33 +539,6 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
 
 
 # ------------------------------------------------------------------- driver
-#: The per-subset fields of validate's summary.json that the report's table shows, in column order.
-_VALIDATE_TEXT = ("measure", "subset")
-_VALIDATE_NUMBERS = ("n", "mean_dlogp_chosen", "mean_dlogp_chosen_per_token", "mean_dlogp_rejected",
-                     "frac_chosen_decreased", "eval_mean_dlogp_chosen", "mean_chosen_tokens", "mean_rejected_tokens",
-                     "seconds")
-_VALIDATE_HEADS = ("measure", "subset", "n", "mean Δ log π(y+)", "per token", "mean Δ log π(y−)", "y+ fell",
-                   "eval Δ log π(y+)", "|y+|", "|y−|", "seconds")
-
-
-def _held(value: Any) -> str:
-    """What a JSON value is, for a message: its kind and (clipped) its text."""
-    if value is None:
-        return "null"
-    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
-            else "text" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object")
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):  # pragma: no cover - json.load's values always dump
-        text = repr(value)
-    return f"{kind} ({_clip(text, 60)})"
-
-
-def _is_number(value: Any) -> bool:
-    # bool is an int in Python but true/false in JSON: not a number to format.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _regular_file(path: str, what: str) -> bool:
     """Whether ``path`` is a regular file; False when it is missing; BadDataError when it is something else."""
     import stat
@@ -581,58 +557,16 @@ def _regular_file(path: str, what: str) -> bool:
     return True
 
 
-def _check_validate_summary(summary: Any, what: str, path: str) -> None:
-    """Refuses a summary.json whose fields the section uses are not what ``ches-filter validate`` writes.
-
-    Text fields hold text, number fields a number or null (NaN and infinities
-    included; true/false are not numbers), ``verdicts`` a list of text,
-    ``model`` an object; a missing field shows as blank.
-    """
-    fix = "rerun `ches-filter validate` into it, or pass another OUT_DIR of `ches-filter validate`"
-
-    def refuse(field: str, value: Any, expected: str) -> None:
-        raise BadDataError(f"{what}: {path} field `{field}` holds {_held(value)} where {expected} is expected; {fix}")
-
-    if not isinstance(summary, dict) or summary.get("kind") != "validate":
-        kind = _held(summary.get("kind")) if isinstance(summary, dict) else _held(summary)
-        raise BadDataError(f"{what}: {path} is not a summary of `ches-filter validate` (it holds "
-                           f"{'`kind` ' if isinstance(summary, dict) else ''}{kind}, not `kind` \"validate\"); "
-                           "pass an OUT_DIR of `ches-filter validate`")
-    if not isinstance(summary.get("subsets"), list):
-        refuse("subsets", summary.get("subsets"), "a list of objects (one per measure and subset)")
-    for i, entry in enumerate(summary["subsets"]):
-        if not isinstance(entry, dict):
-            refuse(f"subsets[{i}]", entry, "an object (one measure and subset)")
-        for key in _VALIDATE_TEXT:
-            if entry.get(key) is not None and not isinstance(entry[key], str):
-                refuse(f"subsets[{i}].{key}", entry[key], "text")
-        for key in _VALIDATE_NUMBERS:
-            if entry.get(key) is not None and not _is_number(entry[key]):
-                refuse(f"subsets[{i}].{key}", entry[key], "a number or null")
-    verdicts = summary.get("verdicts")
-    if verdicts is not None:
-        if not isinstance(verdicts, list):
-            refuse("verdicts", verdicts, "a list of text lines")
-        for i, line in enumerate(verdicts):
-            if not isinstance(line, str):
-                refuse(f"verdicts[{i}]", line, "text")
-    model = summary.get("model")
-    if model is not None:
-        if not isinstance(model, dict):
-            refuse("model", model, "an object")
-        if model.get("model") is not None and not isinstance(model["model"], str):
-            refuse("model.model", model["model"], "text")
-
-
-def validate_section(validate_dir: str) -> str:
-    """HTML of a ``ches-filter validate`` directory: its verdicts, its table and its plot.
+def read_validate_summary(validate_dir: str) -> "ValidateSummary":
+    """The checked ``summary.json`` of a ``ches-filter validate`` OUT_DIR (:meth:`ValidateSummary.from_dict`).
 
     Raises:
         BadDataError: the directory holds no readable ``summary.json`` of
-            validate, one whose fields the section shows have another shape
-            than validate writes (the field named), or a ``validate.png`` that
-            is not a readable file.
+            validate, or one whose fields have another shape than validate
+            writes (the field named).
     """
+    from .validate import ValidateSummary
+
     what = f"`--validate` {validate_dir}"
     path = os.path.join(os.fspath(validate_dir), "summary.json")
     if not _regular_file(path, what):
@@ -643,15 +577,26 @@ def validate_section(validate_dir: str) -> str:
     except (OSError, ValueError, RecursionError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise BadDataError(f"{what}: cannot read {path} ({reason}); pass an OUT_DIR of `ches-filter validate`") from None
-    _check_validate_summary(summary, what, path)
-    rows = [[f"<td>{_esc(e.get(k))}</td>" for k in _VALIDATE_TEXT] + [f'<td class="num">{_num(e.get(k))}</td>'
-                                                                      for k in _VALIDATE_NUMBERS]
-            for e in summary["subsets"]]
+    return ValidateSummary.from_dict(summary, f"{what}: {path}")
+
+
+def validate_section(validate_dir: str, summary: "ValidateSummary") -> str:
+    """HTML of a ``ches-filter validate`` directory: its verdicts, its table (:func:`~ches_filter.validate.table_rows`) and its plot.
+
+    Raises:
+        BadDataError: a ``validate.png`` that is not a readable file.
+    """
+    from .validate import table_rows
+
+    what = f"`--validate` {validate_dir}"
+    heads, cells = table_rows(summary.subsets)
+    rows = [[f"<td>{_esc(c)}</td>" if i < 2 else f'<td class="num">{_esc(c)}</td>' for i, c in enumerate(row)]
+            for row in cells]
     parts = ["<h2>Validate: DPO on subsets of the pairs</h2>",
-             f'<p class="meta">{_esc(validate_dir)}: model <b>{_esc((summary.get("model") or {}).get("model"))}</b>, '
-             f'{_esc(json.dumps(summary.get("config")))}</p>']
-    parts += [f'<p class="note">{_esc(line)}</p>' for line in summary.get("verdicts") or []]
-    parts.append(_table(_VALIDATE_HEADS, rows))
+             f'<p class="meta">{_esc(validate_dir)}: model <b>{_esc((summary.model or {}).get("model"))}</b>, '
+             f'{_esc(json.dumps(summary.config))}</p>']
+    parts += [f'<p class="note">{_esc(line)}</p>' for line in summary.verdicts or []]
+    parts.append(_table(heads, rows))
     png = os.path.join(os.fspath(validate_dir), "validate.png")
     if _regular_file(png, what):
         try:
@@ -675,7 +620,7 @@ def _foreign_to_report(path: str) -> list[str]:
     return foreign_files(path, REPORT_FILES.__contains__)
 
 
-def check_validate_belongs(validate_dir: str, loaded: "_Scores") -> None:
+def check_validate_belongs(validate_dir: str, summary: "ValidateSummary", loaded: "_Scores") -> None:
     """Refuse a validate OUT_DIR whose verdicts were computed from other scores than ``loaded``.
 
     ``validate`` records the identity of the scores it ranked by
@@ -685,12 +630,10 @@ def check_validate_belongs(validate_dir: str, loaded: "_Scores") -> None:
     from .scoring import scores_identity
 
     path = os.path.join(os.fspath(validate_dir), "summary.json")
-    with open(path, encoding="utf-8") as handle:
-        summary = json.load(handle)
-    recorded = summary.get("scores_identity")
-    if not isinstance(recorded, dict):
+    recorded = summary.scores_identity
+    if recorded is None:
         logger.warning("%s records no identity of the scores it ranked by (written by an older ches-filter), so "
-                       "it cannot be checked against SCORES; make sure SCORES is %s", path, summary.get("scores"))
+                       "it cannot be checked against SCORES; make sure SCORES is %s", path, summary.scores)
         return
     current = scores_identity(loaded.meta, loaded.table.num_rows)
     differ = [f"{key} {recorded.get(key)!r} there, {current.get(key)!r} here"
@@ -698,7 +641,7 @@ def check_validate_belongs(validate_dir: str, loaded: "_Scores") -> None:
     if differ:
         raise BadDataError(
             f"`--validate` {validate_dir}: its verdicts were computed from other scores than SCORES ("
-            + "; ".join(differ) + f"); pass the score file it ranked by ({summary.get('scores')}), "
+            + "; ".join(differ) + f"); pass the score file it ranked by ({summary.scores}), "
             "or a validate OUT_DIR run on SCORES"
         )
 
@@ -729,10 +672,11 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
         inputs["--validate"] = os.fspath(validate)
     check_paths({"--output": os.fspath(output_dir)}, inputs, overwrite=overwrite, foreign={"--output": _foreign_to_report})
     # Read before the scores are: a directory that is not validate's is refused before minutes of plotting.
-    section = validate_section(validate) if validate is not None else None
+    validated = read_validate_summary(validate) if validate is not None else None
+    section = validate_section(validate, validated) if validated is not None else None
     loaded = _load_scores(scores)
-    if validate is not None:
-        check_validate_belongs(validate, loaded)
+    if validated is not None:
+        check_validate_belongs(validate, validated, loaded)
     summary = summarize(loaded, config)
     excerpts = None
     if data is not None:

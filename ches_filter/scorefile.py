@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .atomic import atomic_path
 from .errors import BadDataError, ChesFilterError, reason
@@ -39,8 +39,11 @@ def own_columns() -> tuple[str, ...]:
     return (*HEAD_COLUMNS, *MEASURES.names(), *TAIL_COLUMNS, *FLAG_COLUMNS)
 
 
-def with_metadata(table: "pyarrow.Table", metadata: dict) -> "pyarrow.Table":
-    """``table`` with ``metadata`` stored as JSON under ``b"ches_filter"`` (its other schema metadata kept).
+def with_metadata(table: Any, metadata: dict) -> Any:
+    """``table`` (a pyarrow Table or Schema) with ``metadata`` stored as JSON under ``b"ches_filter"``.
+
+    The one writer of the score-file metadata; :func:`parse_metadata` is its
+    one reader. The table's other schema metadata is kept.
 
     Raises:
         TypeError: ``metadata`` is not JSON-serializable.
@@ -49,10 +52,38 @@ def with_metadata(table: "pyarrow.Table", metadata: dict) -> "pyarrow.Table":
         blob = json.dumps(metadata, ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise TypeError(f"write_table metadata is not JSON-serializable: {exc}") from exc
-    merged = dict(table.schema.metadata or {})
+    schema = getattr(table, "schema", table)
+    merged = dict(schema.metadata or {})
     merged[METADATA_KEY] = blob
+    if schema is table:
+        return schema.with_metadata(merged)
     return table.replace_schema_metadata(merged)
 
+
+def parse_metadata(schema_metadata: Any, source: str) -> dict:
+    """The ``b"ches_filter"`` metadata dict :func:`with_metadata` stored in a schema's metadata (``{}`` when none).
+
+    Args:
+        schema_metadata: ``schema.metadata`` of a table or Parquet file (None allowed).
+        source: what it came from, for the message.
+
+    Raises:
+        BadDataError: the metadata is not JSON, or not a JSON object.
+    """
+    raw = (schema_metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadDataError(
+            f"{source} has corrupt ches_filter metadata ({exc}); re-create the file."
+        ) from exc
+    if not isinstance(meta, dict):
+        raise BadDataError(
+            f"{source} has ches_filter metadata that is not a JSON object; re-create the file."
+        )
+    return meta
 
 def write_table(
     table: "pyarrow.Table",
@@ -115,17 +146,4 @@ def read_table(path: str) -> tuple["pyarrow.Table", dict]:
             f"{path} is not a readable parquet file ({reason(exc)}); pass a file "
             "written by ches-filter."
         ) from exc
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        return table, {}
-    try:
-        meta = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadDataError(
-            f"{path} has corrupt ches_filter metadata ({exc}); re-create the file."
-        ) from exc
-    if not isinstance(meta, dict):
-        raise BadDataError(
-            f"{path} has ches_filter metadata that is not a JSON object; re-create the file."
-        )
-    return table, meta
+    return table, parse_metadata(table.schema.metadata, path)

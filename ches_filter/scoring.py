@@ -340,7 +340,6 @@ def scores_identity(meta: dict, num_rows: int) -> dict:
 
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
-    from .scorefile import METADATA_KEY  # the score file's metadata key, kept with its writer
+    from .scorefile import parse_metadata
 
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    return json.loads(raw) if raw else {}
+    return parse_metadata(table.schema.metadata, "the score table")

@@ -44,7 +44,8 @@ from .errors import BadDataError, BadFlagError, ChesFilterError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_validate", "plan_subsets", "dpo_loss", "format_table", "verdicts", "VALIDATE_COLUMNS"]
+__all__ = ["run_validate", "plan_subsets", "dpo_loss", "format_table", "table_rows", "verdicts", "ValidateSummary",
+           "VALIDATE_COLUMNS"]
 
 #: Per-pair columns of validate.parquet (after measure, subset, seed, set, row_index).
 VALIDATE_COLUMNS = (
@@ -518,22 +519,161 @@ def verdicts(subsets: Sequence[dict], config: ValidateConfig) -> list[str]:
     return lines
 
 
+@dataclass
+class ValidateSummary:
+    """``summary.json`` of ``ches-filter validate``: what validate writes and what ``report --validate`` reads.
+
+    Fields are in the order they are written. :meth:`from_dict` is the one
+    check of a summary read back: text fields hold text, number fields a
+    number or null (NaN and infinities included; true/false are not
+    numbers), ``verdicts`` a list of text, ``model`` an object; a missing
+    field is None (a summary of an older ches-filter).
+    """
+
+    ches_filter_version: str | None = None
+    kind: str = "validate"
+    input: str | None = None
+    scores: str | None = None
+    scores_identity: dict | None = None
+    model: dict | None = None
+    token_layout: str | None = None
+    logprob_path: str | None = None
+    autocast: str | None = None
+    config: dict | None = None
+    eval_rows: list | None = None
+    trainings: int | None = None
+    seconds: float | None = None
+    phase_seconds: dict | None = None
+    subsets: list = field(default_factory=list)
+    verdicts: list | None = None
+
+    #: The per-subset fields the tables show (:func:`table_rows`), by kind.
+    TEXT = ("measure", "subset")
+    NUMBERS = ("n", "mean_dlogp_chosen", "median_dlogp_chosen", "mean_dlogp_rejected", "mean_dlogp_chosen_per_token",
+               "frac_chosen_decreased", "eval_mean_dlogp_chosen", "loss_first", "loss_last", "mean_chosen_tokens",
+               "mean_rejected_tokens", "seconds", "mean_dlogp_chosen_seed_sd")
+
+    def to_dict(self) -> dict:
+        """The JSON object written to summary.json, in field order."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, summary: Any, where: str) -> "ValidateSummary":
+        """The summary a ``json.load`` of summary.json gave, checked field by field.
+
+        Args:
+            summary: the loaded JSON value.
+            where: what to name in a refusal (e.g. "`--validate` DIR: DIR/summary.json").
+
+        Raises:
+            BadDataError: not a summary of validate, or a field of another shape (named, with what it holds).
+        """
+        fix = "rerun `ches-filter validate` into it, or pass another OUT_DIR of `ches-filter validate`"
+
+        def refuse(name: str, value: Any, expected: str) -> None:
+            raise BadDataError(f"{where} field `{name}` holds {_held(value)} where {expected} is expected; {fix}")
+
+        if not isinstance(summary, dict) or summary.get("kind") != "validate":
+            kind = _held(summary.get("kind")) if isinstance(summary, dict) else _held(summary)
+            raise BadDataError(f"{where} is not a summary of `ches-filter validate` (it holds "
+                               f"{'`kind` ' if isinstance(summary, dict) else ''}{kind}, not `kind` \"validate\"); "
+                               "pass an OUT_DIR of `ches-filter validate`")
+        if not isinstance(summary.get("subsets"), list):
+            refuse("subsets", summary.get("subsets"), "a list of objects (one per measure and subset)")
+        for i, entry in enumerate(summary["subsets"]):
+            if not isinstance(entry, dict):
+                refuse(f"subsets[{i}]", entry, "an object (one measure and subset)")
+            for key in cls.TEXT:
+                if entry.get(key) is not None and not isinstance(entry[key], str):
+                    refuse(f"subsets[{i}].{key}", entry[key], "text")
+            for key in cls.NUMBERS:
+                if entry.get(key) is not None and not _is_number(entry[key]):
+                    refuse(f"subsets[{i}].{key}", entry[key], "a number or null")
+        verdicts = summary.get("verdicts")
+        if verdicts is not None:
+            if not isinstance(verdicts, list):
+                refuse("verdicts", verdicts, "a list of text lines")
+            for i, line in enumerate(verdicts):
+                if not isinstance(line, str):
+                    refuse(f"verdicts[{i}]", line, "text")
+        model = summary.get("model")
+        if model is not None:
+            if not isinstance(model, dict):
+                refuse("model", model, "an object")
+            if model.get("model") is not None and not isinstance(model["model"], str):
+                refuse("model.model", model["model"], "text")
+        identity = summary.get("scores_identity")
+        return cls(**{f.name: summary.get(f.name) for f in dataclasses.fields(cls)
+                      if f.name not in ("scores_identity",)},
+                   scores_identity=identity if isinstance(identity, dict) else None)
+
+
+def _held(value: Any) -> str:
+    """What a JSON value is, for a message: its kind and (clipped) its text."""
+    if value is None:
+        return "null"
+    kind = ("a boolean" if isinstance(value, bool) else "a number" if isinstance(value, (int, float))
+            else "text" if isinstance(value, str) else "a list" if isinstance(value, list) else "an object")
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):  # pragma: no cover - json.load's values always dump
+        text = repr(value)
+    text = text.strip()
+    return f"{kind} ({text if len(text) <= 60 else text[:59].rstrip() + chr(0x2026)})"
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int in Python but true/false in JSON: not a number to format.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _cell(value: Any, spec: str) -> str:
+    """One number of the validate table: ``spec``-formatted; NaN and infinities as nan/inf; null as a dash."""
+    if value is None:
+        return "\u2013"
+    if isinstance(value, int) or not math.isfinite(value):
+        return str(value) if isinstance(value, int) else str(float(value))
+    return format(value, spec)
+
+
+def _mean_cell(s: dict) -> str:
+    sd = s.get("mean_dlogp_chosen_seed_sd")
+    return _cell(s.get("mean_dlogp_chosen"), "+.3f") + ("" if sd is None else f"\u00b1{_cell(sd, '.2f')}")
+
+
+#: The validate table's columns: (heading, terminal width or 0 for left-aligned text, the cell of one subset).
+TABLE_COLUMNS: tuple[tuple[str, int, Callable[[dict], str]], ...] = (
+    ("measure", -15, lambda s: str(s.get("measure") or "")),
+    ("subset", -8, lambda s: str(s.get("subset") or "")),
+    ("n", 4, lambda s: _cell(s.get("n"), "d")),
+    ("Δ+ mean", 11, _mean_cell),
+    ("Δ+ med", 9, lambda s: _cell(s.get("median_dlogp_chosen"), "+.3f")),
+    ("Δ- mean", 10, lambda s: _cell(s.get("mean_dlogp_rejected"), "+.3f")),
+    ("Δ+/tok", 9, lambda s: _cell(s.get("mean_dlogp_chosen_per_token"), "+.4f")),
+    ("y+ fell", 8, lambda s: _cell(s.get("frac_chosen_decreased"), ".0%")),
+    ("eval Δ+", 9, lambda s: _cell(s.get("eval_mean_dlogp_chosen"), "+.3f")),
+    ("loss 1st→last", 16, lambda s: f"{_cell(s.get('loss_first'), '.3f')}→{_cell(s.get('loss_last'), '.3f')}"),
+    ("|y+|", 6, lambda s: _cell(s.get("mean_chosen_tokens"), ".0f")),
+    ("|y-|", 6, lambda s: _cell(s.get("mean_rejected_tokens"), ".0f")),
+    ("s", 7, lambda s: _cell(s.get("seconds"), ".0f")),
+)
+
+
+def table_rows(subsets: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+    """The validate table as text cells: the headings and one row per (measure, subset).
+
+    The one renderer of the table: :func:`format_table` pads it for the
+    terminal, ``report --validate`` puts it in HTML.
+    """
+    return [head for head, _, _ in TABLE_COLUMNS], [[cell(s) for _, _, cell in TABLE_COLUMNS] for s in subsets]
+
+
 def format_table(summary: dict) -> list[str]:
     """The terminal table: one line per (measure, subset)."""
-    head = (f"{'measure':<15}{'subset':<8}{'n':>4}{'Δ+ mean':>10}{'Δ+ med':>9}{'Δ- mean':>10}{'Δ+/tok':>9}"
-            f"{'y+ fell':>8}{'eval Δ+':>9}{'loss 1st→last':>16}{'|y+|':>6}{'|y-|':>6}{'s':>7}")
-    lines = [head]
-    for s in summary["subsets"]:
-        sd = s["mean_dlogp_chosen_seed_sd"]
-        mean = f"{s['mean_dlogp_chosen']:+.3f}" + ("" if sd is None else f"±{sd:.2f}")
-        lines.append(
-            f"{s['measure']:<15}{s['subset']:<8}{s['n']:>4}{mean:>10}{s['median_dlogp_chosen']:>+9.3f}"
-            f"{s['mean_dlogp_rejected']:>+10.3f}{s['mean_dlogp_chosen_per_token']:>+9.4f}{s['frac_chosen_decreased']:>8.0%}"
-            f"{(s['eval_mean_dlogp_chosen'] if s['eval_mean_dlogp_chosen'] is not None else float('nan')):>+9.3f}"
-            f"{s['loss_first']:>8.3f}→{s['loss_last']:<7.3f}{s['mean_chosen_tokens']:>6.0f}{s['mean_rejected_tokens']:>6.0f}"
-            f"{s['seconds']:>7.0f}"
-        )
-    return lines
+    heads, rows = table_rows(summary["subsets"])
+    widths = [width for _, width, _ in TABLE_COLUMNS]
+    return ["".join(f"{text:<{-w}}" if w < 0 else f"{text:>{w}}" for text, w in zip(line, widths)).rstrip()
+            for line in [heads, *rows]]
 
 
 # ------------------------------------------------------------------ plot
@@ -1007,24 +1147,22 @@ def _run_locked(
                     "prompt_tokens": len(enc.prompt), "chosen_tokens": len(enc.chosen), "rejected_tokens": len(enc.rejected),
                 })
     subsets = summarize(records, jobs, config)
-    summary = {
-        "ches_filter_version": __version__,
-        "kind": "validate",
-        "input": inputs[0] if inputs else None,
-        "scores": os.fspath(scores) if scores is not None else own_scores,
-        "scores_identity": scores_identity(meta, table.num_rows),  # report --validate checks it
-        "model": model.info,
-        "token_layout": score_config.layout,
-        "logprob_path": "packed" if trainer.packed else "plain",
-        "autocast": None if trainer.autocast is None else str(trainer.autocast).replace("torch.", ""),
-        "config": dataclasses.asdict(config),
-        "eval_rows": plan.eval_rows,
-        "trainings": len(distinct),
-        "seconds": None,
-        "phase_seconds": phases,
-        "subsets": subsets,
-    }
-    summary["verdicts"] = verdicts(subsets, config)
+    summary = ValidateSummary(
+        ches_filter_version=__version__,
+        input=inputs[0] if inputs else None,
+        scores=os.fspath(scores) if scores is not None else own_scores,
+        scores_identity=scores_identity(meta, table.num_rows),  # report --validate checks it
+        model=model.info,
+        token_layout=score_config.layout,
+        logprob_path="packed" if trainer.packed else "plain",
+        autocast=None if trainer.autocast is None else str(trainer.autocast).replace("torch.", ""),
+        config=dataclasses.asdict(config),
+        eval_rows=plan.eval_rows,
+        trainings=len(distinct),
+        phase_seconds=phases,
+        subsets=subsets,
+        verdicts=verdicts(subsets, config),
+    ).to_dict()
     fields = {"measure": pa.string(), "subset": pa.string(), "seed": pa.int64(), "set": pa.string(), "row_index": pa.int64()}
     fields.update({c: (pa.int64() if c.endswith("_tokens") else pa.float64()) for c in VALIDATE_COLUMNS})
     out_table = pa.table({name: pa.array([r[name] for r in records], typ) for name, typ in fields.items()})

@@ -214,7 +214,7 @@ def _fast_tier_guard(request, monkeypatch):
 
     def no_gguf(gguf, *args, **kwargs):
         # A real model's GGUF is tens of MB; a few-KB file is a hostile test's truncated copy,
-        # which the code under test must refuse before converting anything.
+        # which the code under test must refuse without leaving anything in the cache.
         try:
             size = os.path.getsize(gguf)
         except OSError:

@@ -480,3 +480,20 @@ def test_write_datasets_is_all_or_none_when_a_flush_fails(tmp_path, monkeypatch,
         write_datasets([(flag, new, str(path)) for flag, path in paths.items()], overwrite=True)
     assert {flag: path.read_bytes() for flag, path in paths.items()} == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.jsonl", "rejects.parquet"]
+
+
+def test_score_metadata_has_one_writer_and_one_reader():
+    """Tables and schemas (merge's footer) get the same bytes; every reader refuses corrupt metadata in one line."""
+    from ches_filter.scoring import table_metadata
+
+    meta = {"model": "modèle", "counts": {"ok": 1}}
+    table = scorefile.with_metadata(pa.table({"a": [1]}).replace_schema_metadata({b"other": b"kept"}), meta)
+    schema = scorefile.with_metadata(pa.schema([("a", pa.int64())]), meta)
+    assert table.schema.metadata[b"ches_filter"] == schema.metadata[b"ches_filter"]
+    assert table.schema.metadata[b"other"] == b"kept"
+    assert table_metadata(table) == meta == scorefile.parse_metadata(schema.metadata, "x")
+    assert scorefile.parse_metadata(None, "x") == {}
+    for raw, needle in ((b"{cut", "has corrupt ches_filter metadata"), (b"[1]", "not a JSON object")):
+        bad = pa.table({"a": [1]}).replace_schema_metadata({b"ches_filter": raw})
+        with pytest.raises(BadDataError, match=needle):
+            table_metadata(bad)

@@ -107,3 +107,21 @@ def test_remote_code_needs_opt_in(tmp_path, tiny_model_dir):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises((BadFlagError, BadDataError), match="trust-remote-code"):
         load_model(str(path), device="cpu")
+
+
+def test_a_temporary_named_with_an_impossible_pid_is_removed_as_stale(tmp_path):
+    """A conversion temporary whose pid no process can have (past the C int range) is stale, not an OverflowError."""
+    import socket
+
+    target = tmp_path / "models" / "m-0123456789abcdef"
+    target.parent.mkdir()
+    stale = target.parent / f".{target.name}.tmp-{socket.gethostname()}-{2**70}-abc"
+    stale.mkdir()
+    model_mod._remove_stale_temporaries(target, socket.gethostname())
+    assert not stale.exists()
+
+
+def test_dtype_and_attention_choices_have_one_definition():
+    from ches_filter import config
+
+    assert model_mod.DTYPES is config.DTYPES and model_mod.ATTN_IMPLEMENTATIONS is config.ATTN_IMPLEMENTATIONS

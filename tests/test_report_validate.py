@@ -286,3 +286,28 @@ def test_report_warns_when_a_summary_cannot_be_checked(tmp_path, caplog):
     result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
     assert result.exit_code == 0, result.output
     assert "cannot be checked against SCORES" in result.output + caplog.text
+
+
+def test_validate_and_report_share_one_summary_type_and_one_table(tmp_path):
+    """summary.json round-trips through ValidateSummary; the terminal table and the report's show the same cells."""
+    import html
+
+    from ches_filter.validate import ValidateSummary, format_table, table_rows
+
+    summary = validate_summary()
+    typed = ValidateSummary.from_dict(json.loads(json.dumps(summary)), "x")
+    assert typed.to_dict() == summary
+    assert list(typed.to_dict()) == [f.name for f in dataclasses.fields(ValidateSummary)]
+    heads, rows = table_rows(summary["subsets"])
+    lines = format_table(summary)
+    assert len(lines) == 1 + len(rows) == 1 + len(summary["subsets"])
+    vdir = make_vdir(tmp_path / "v", summary)
+    result = report("-o", str(tmp_path / "r"), "--validate", str(vdir))
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    for head in heads:
+        assert f"<th>{html.escape(head)}</th>" in page and head in lines[0]
+    for row, line in zip(rows, lines[1:]):
+        assert "\u2013" not in "".join(row)  # validate fills every column
+        for cell in row:
+            assert f">{html.escape(cell)}</td>" in page and cell in line, cell

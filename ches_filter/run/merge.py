@@ -18,7 +18,7 @@ from ..batching import SpecialRows
 from ..errors import BadDataError, BadFlagError
 from ..atomic import atomic_path
 from ..paths import check_output_path
-from ..scorefile import METADATA_KEY
+from ..scorefile import METADATA_KEY, with_metadata
 from ..scoring import merge_counts, status_counts
 from .topology import part_grid, shard_slice
 from .workdir import WorkDir
@@ -84,7 +84,7 @@ def _parts(work: WorkDir, input_name: str | None) -> tuple[dict, list[tuple[tupl
     metadata["special_token_rows"] = special.count
     special.log(metadata.get("on_special_tokens"))
     schema = _read(ordered[0][1]).schema.remove_metadata()
-    schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, ensure_ascii=False).encode("utf-8")})
+    schema = with_metadata(schema, metadata)
     assert isinstance(schema, pa.Schema)
     return metadata, ordered, schema
 

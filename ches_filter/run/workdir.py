@@ -35,6 +35,7 @@ from typing import Any
 
 from ..errors import BadDataError, BadFlagError
 from ..atomic import atomic_path, writing
+from ..procs import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -59,16 +60,6 @@ def _write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write(text)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # OverflowError: no process has a pid that large
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
 
 
 class WorkDir:
@@ -329,7 +320,7 @@ class WorkDir:
                 return True
         pid = owner.get("pid")
         return (owner.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool)
-                and pid > 0 and not _pid_alive(pid))
+                and pid > 0 and not pid_alive(pid))
 
     def _remove_if_empty(self, remove_dir: bool = True) -> None:
         for directory in (self.locks_dir, self.path) if remove_dir else (self.locks_dir,):
