@@ -33,7 +33,7 @@ final norm, the vector the unembedding multiplies. No logits are computed.
 Masks are built once per batch as additive float tensors in the model's dtype
 (0 where attention is allowed, the dtype's minimum elsewhere), the form both
 eager attention and SDPA's math paths consume (a boolean mask would be
-converted per layer; on CPU the two measure the same, docs/performance.md).
+converted per layer; on CPU the two measure the same, benchmarks/RESULTS.md).
 Models whose layers differ in attention span (``config.layer_types``
 with ``sliding_attention``) get one mask per layer type; the sliding-window
 rule is applied to logical positions, which restart for the rejected branch.

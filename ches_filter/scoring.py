@@ -81,7 +81,7 @@ def default_batch_tokens(device: Any) -> int:
 
     On CPU bigger batches are slower, not faster: activations leave the cache
     and padding grows while the matrix products gain nothing past ~128 rows;
-    512 lets short pairs share a pass (measured in docs/performance.md).
+    512 lets short pairs share a pass (measured in benchmarks/RESULTS.md).
     """
     return 65536 if getattr(device, "type", str(device)) == "cuda" else 512
 

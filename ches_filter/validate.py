@@ -254,7 +254,7 @@ class _Trainer:
         # single-threaded workers, as the scoring engine's batches do
         # (`--engine-workers`): 4-16 % faster here. Training steps stay one
         # pass over all threads: side by side (gradients added in order) they
-        # were 7-9 % slower on this 2-core CPU (docs/validate.md).
+        # were 7-9 % slower on this 2-core CPU (benchmarks/RESULTS.md).
         self.workers = score_config.engine_workers or default_workers(self.device)
         head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
 

@@ -264,7 +264,7 @@ def test_gradient_checkpointing_keeps_fewer_activations():
 
     Counted with autograd's saved-tensor hooks (the bytes kept for the
     backward pass of one training forward), so the saving is measured, not
-    assumed; the CPU/GPU peak numbers are in docs/validate.md.
+    assumed; the CPU/GPU peak numbers are in benchmarks/RESULTS.md.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
