@@ -110,17 +110,10 @@ class PairProbe:
         self.head_elements = HEAD_CHUNK_ELEMENTS
 
     def shrink_head(self) -> bool:
-        """Halve the LM-head chunk while it holds more than one position (the back-off of one pair's passes)."""
-        from .logprobs import vocab_size
+        """Halve the LM-head chunk after one pair ran out of memory (:func:`~ches_filter.logprobs.shrink_head_chunk`)."""
+        from .logprobs import shrink_head_chunk
 
-        if self.head_elements // 2 < vocab_size(self.lm):
-            return False
-        self.head_elements //= 2
-        said = getattr(self, "_said_head", False)
-        self._said_head = True
-        (logger.info if said else logger.warning)(
-            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
-        return True
+        return shrink_head_chunk(self)
 
     def retry_on_oom(self, fn: Any, tokens: int) -> Any:
         """``fn()``, redone after an out-of-memory error with a smaller LM-head chunk (the engine's back-off).

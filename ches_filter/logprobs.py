@@ -177,6 +177,24 @@ def head_is_exact(lm: Any, device: Any, autocast_dtype: Any = None) -> bool:
     return exact
 
 
+def shrink_head_chunk(owner: Any) -> bool:
+    """After one pair ran out of memory: halve ``owner.head_elements`` (its LM-head chunk) while the chunk
+    still holds more than one position; warn the first time, log after. Shared by validate's trainer and
+    displacement's probe (``owner`` has ``lm`` and ``head_elements``).
+
+    Returns:
+        False when the chunk is already one position wide (nothing left to halve).
+    """
+    if owner.head_elements // 2 < vocab_size(owner.lm):
+        return False
+    owner.head_elements //= 2
+    said = getattr(owner, "_said_head", False)
+    owner._said_head = True
+    (logger.info if said else logger.warning)(
+        "out of memory on one pair; retrying with LM-head chunks of %d logits", owner.head_elements)
+    return True
+
+
 def vocab_size(lm: Any) -> int:
     """Width of the model's logits (the LM head's rows; the config's ``vocab_size`` without a head weight)."""
     head = lm.get_output_embeddings()

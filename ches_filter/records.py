@@ -312,6 +312,18 @@ def _read_json_lines(label: str, files: list[str], wanted: Sequence[str] | None,
     return Records(label, "jsonl", files, list(spool.seen), scored, stats=stats)
 
 
+def _line_text(path: str, line_no: int, raw: bytes) -> str:
+    """One line of a JSON lines or CSV file as text: UTF-8, a BOM on the first line left out."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadDataError(
+            f"{path} line {line_no} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); re-save the file as UTF-8."
+        ) from None
+    return text[1:] if line_no == 1 and text.startswith(_BOM) else text
+
+
 def _iter_json_lines(files: list[str]) -> Iterator[tuple[str, int, bytes, str]]:
     """``(path, line number, raw line, text)`` of every non-blank line (BOM left out of the text only)."""
     for path in files:
@@ -321,16 +333,7 @@ def _iter_json_lines(files: list[str]) -> Iterator[tuple[str, int, bytes, str]]:
                 for line_no, raw in enumerate(fh, start=1):
                     if not raw.strip():
                         continue  # blank lines hold no record
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise BadDataError(
-                            f"{path} line {line_no} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
-                            f"{exc.start}); re-save the file as UTF-8."
-                        ) from None
-                    if line_no == 1 and text.startswith(_BOM):
-                        text = text[1:]
-                    yield path, line_no, raw, text
+                    yield path, line_no, raw, _line_text(path, line_no, raw)
         except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
             raise BadDataError(
                 f"{path} is truncated or not a valid gzip file (failed after line {line_no}: {reason(exc)}); "
@@ -472,16 +475,7 @@ def _iter_csv(files: list[str]) -> Iterator[tuple[str, int, list[str], bytes, by
                 for raw in fh:
                     line_no += 1
                     raw_lines.append(raw)
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise BadDataError(
-                            f"{path} line {line_no} is not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
-                            f"{exc.start}); re-save the file as UTF-8."
-                        ) from None
-                    if line_no == 1 and text.startswith(_BOM):
-                        text = text[1:]
-                    yield text
+                    yield _line_text(path, line_no, raw)
 
         reader = csv.reader(lines(), strict=True)
         header_raw = None

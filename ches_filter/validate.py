@@ -310,17 +310,10 @@ class _Trainer:
         return TokenBudget(self.budget or default_batch_tokens(self.device), self.device)
 
     def _shrink_head(self) -> bool:
-        """After one pair ran out of memory: halve the LM-head chunk while it holds more than one position."""
-        from .logprobs import vocab_size
+        """Halve the LM-head chunk after one pair ran out of memory (:func:`~ches_filter.logprobs.shrink_head_chunk`)."""
+        from .logprobs import shrink_head_chunk
 
-        if self.head_elements // 2 < vocab_size(self.lm):
-            return False
-        self.head_elements //= 2
-        said = getattr(self, "_said_head", False)
-        self._said_head = True
-        (logger.info if said else logger.warning)(
-            "out of memory on one pair; retrying with LM-head chunks of %d logits", self.head_elements)
-        return True
+        return shrink_head_chunk(self)
 
     def optimizer(self) -> Any:
         import torch
