@@ -79,6 +79,10 @@ class SubsetPlan:
     ranked: dict[str, list[int]] = field(default_factory=dict)
     scores: dict[str, dict[int, float]] = field(default_factory=dict)
 
+    def used_rows(self) -> list[int]:
+        """Every row the eval set or a subset holds, in order."""
+        return sorted(set(self.eval_rows).union(*self.subsets.values()))
+
 
 def _slice(ranked: Sequence[int], n: int, centre: float) -> list[int]:
     """``n`` consecutive items of ``ranked`` around quantile ``centre`` in [0, 1], clamped to the ends.
@@ -111,7 +115,29 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
     Raises:
         BadDataError: a ``--by`` column is missing, or fewer usable rows than needed.
     """
-    import numpy as np
+    from .measures import MEASURES
+
+    _check_score_columns(scores, config)
+    values = _in_input_order(scores, ("status", *config.by_list))
+    status = values.pop("status")
+    usable = _usable_rows(status, values, config)
+    eval_rows, pool = _draw_eval(usable, config)
+    plan = SubsetPlan(eval_rows=eval_rows, subsets={})
+    random_rows = _draw_random(pool, config) if "random" in config.subset_names else None
+    for measure in config.by_list:
+        sign = 1.0 if MEASURES.get(measure).higher_is_riskier else -1.0
+        ranked = sorted(pool, key=lambda i: (sign * values[measure][i], i))
+        plan.ranked[measure] = ranked
+        for name in config.subset_names:
+            rows = random_rows if name == "random" else _ranked_subset(ranked, name, config.subset_size)
+            plan.subsets[(measure, name)] = sorted(rows)
+        plan.scores[measure] = {i: float(values[measure][i]) for i in usable}
+    return plan
+
+
+def _check_score_columns(scores: Any, config: ValidateConfig) -> None:
+    """Refuse scores without ``row_index``/``status``, without a ``--by`` column, or with one that is not numbers."""
+    import pyarrow.types as pat
 
     from .measures import MEASURES
 
@@ -126,16 +152,20 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
             f"the scores have no {', '.join(missing)} column (measures present: {', '.join(present) or 'none'}); "
             f"drop it from `--by` or rescore with `ches-filter score --measures {','.join(dict.fromkeys(present + missing))}`"
         )
-    import pyarrow.types as pat
-
     for m in config.by_list:
         kind = scores.schema.field(m).type
         if not (pat.is_floating(kind) or pat.is_integer(kind) or pat.is_null(kind)):
             raise BadDataError(
                 f"the scores' {m} column holds {kind} values, not numbers; pass a score file written by `ches-filter score`"
             )
-    # Row i of the input is the score row whose row_index is i, whatever order the file's rows are in, so the
-    # eval draw and the random subset depend on the input and the seed only.
+
+
+def _in_input_order(scores: Any, names: Sequence[str]) -> dict[str, list]:
+    """``{name: values}`` where item i is the value of input row i: the score row whose ``row_index`` is i.
+
+    So the eval draw and the random subset depend on the input and the seed
+    only, whatever order the file's rows are in.
+    """
     row_index = scores.column("row_index").to_pylist()
     bad = [r for r in row_index if not isinstance(r, int) or not 0 <= r < len(row_index)][:1]  # None is bad too
     if bad or len(set(row_index)) != len(row_index):
@@ -145,17 +175,14 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
             "pass a score file written by `ches-filter score` for this input"
         )
     order = sorted(range(len(row_index)), key=row_index.__getitem__)
+    columns = {name: scores.column(name).to_pylist() for name in names}
+    return {name: [column[i] for i in order] for name, column in columns.items()}
 
-    def in_input_order(name: str) -> list:
-        column = scores.column(name).to_pylist()
-        return [column[i] for i in order]
 
-    status = in_input_order("status")
-    values = {m: in_input_order(m) for m in config.by_list}
-    row_index = list(range(len(order)))
+def _usable_rows(status: list, values: dict[str, list], config: ValidateConfig) -> list[int]:
+    """The rows of status ``ok`` with a value for every ``--by`` measure; refuses an infinite one, or too few rows."""
     for m in config.by_list:
-        for r in row_index:
-            v = values[m][r]
+        for r, v in enumerate(values[m]):
             if status[r] == "ok" and v is not None and math.isinf(v):
                 raise BadDataError(
                     f"the scores' {m} is {v} at row_index {r} (status ok); `ches-filter score` marks such rows "
@@ -173,34 +200,34 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
             f"{config.eval_size} plus {ranked_count} subset(s) of {config.subset_size}; lower `--subset-size` or "
             "`--eval-size`, or give more data"
         )
+    return usable
+
+
+def _draw_eval(usable: list[int], config: ValidateConfig) -> tuple[list[int], list[int]]:
+    """The eval set (``eval_size`` usable rows drawn with seed ``config.seed``) and the rest, the subsets' pool."""
+    import numpy as np
+
     rng = np.random.default_rng(config.seed)
     eval_pos = sorted(rng.choice(len(usable), size=config.eval_size, replace=False).tolist()) if config.eval_size else []
     eval_set = {usable[i] for i in eval_pos}
-    pool = [i for i in usable if i not in eval_set]
-    plan = SubsetPlan(eval_rows=[row_index[i] for i in sorted(eval_set)], subsets={})
-    n = config.subset_size
-    random_rows = None
-    if "random" in config.subset_names:
-        picked = np.random.default_rng([config.seed, 1]).choice(len(pool), size=n, replace=False)
-        random_rows = sorted(row_index[pool[i]] for i in picked.tolist())
-    for measure in config.by_list:
-        sign = 1.0 if MEASURES.get(measure).higher_is_riskier else -1.0
-        ranked = sorted(pool, key=lambda i: (sign * values[measure][i], row_index[i]))
-        plan.ranked[measure] = [row_index[i] for i in ranked]
-        for name in config.subset_names:
-            if name == "random":
-                rows = random_rows
-            elif name == "top":
-                rows = [row_index[i] for i in ranked[-n:]]
-            elif name == "bottom":
-                rows = [row_index[i] for i in ranked[:n]]
-            elif name == "median":
-                rows = [row_index[i] for i in _slice(ranked, n, 0.5)]
-            else:
-                rows = [row_index[i] for i in _slice(ranked, n, float(name[1:]))]
-            plan.subsets[(measure, name)] = sorted(rows)
-        plan.scores[measure] = {row_index[i]: float(values[measure][i]) for i in usable}
-    return plan
+    return sorted(eval_set), [i for i in usable if i not in eval_set]
+
+
+def _draw_random(pool: list[int], config: ValidateConfig) -> list[int]:
+    """The ``random`` subset: ``subset_size`` rows of the pool (seed ``[config.seed, 1]``), the same for every measure."""
+    import numpy as np
+
+    picked = np.random.default_rng([config.seed, 1]).choice(len(pool), size=config.subset_size, replace=False)
+    return sorted(pool[i] for i in picked.tolist())
+
+
+def _ranked_subset(ranked: list[int], name: str, n: int) -> list[int]:
+    """The subset ``name`` (``top``, ``bottom``, ``median``, ``q<x>``) of ``ranked`` (safest first)."""
+    if name == "top":
+        return ranked[-n:]
+    if name == "bottom":
+        return ranked[:n]
+    return _slice(ranked, n, 0.5 if name == "median" else float(name[1:]))
 
 
 # ------------------------------------------------------------------ training
@@ -257,6 +284,13 @@ class _Trainer:
         # were 7-9 % slower on this 2-core CPU (benchmarks/RESULTS.md).
         self.workers = score_config.engine_workers or default_workers(self.device)
         head_is_exact(self.lm, self.device)  # checked (and cached) once, before any worker thread starts
+
+    def close(self) -> None:
+        """Give the model back as it came: the initial weights, its checkpointing, dropout rates, flags, requires_grad."""
+        self.restore()
+        if self.config.gradient_checkpointing and not any(flag for _, flag in self.state.checkpointing):
+            (getattr(self.lm, "activation_checkpointing_disable", None) or self.lm.gradient_checkpointing_disable)()
+        self.state.restore()  # dropout rates, train/eval flags and requires_grad as the model came
 
     def restore(self) -> None:
         import torch
@@ -403,6 +437,131 @@ class _Trainer:
         opt.zero_grad(set_to_none=True)
         del opt
         return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses)}
+
+
+@dataclass
+class Trainings:
+    """What :func:`run_trainings` found.
+
+    Attributes:
+        records: one per (measure, subset, seed, set, row): the rows of validate.parquet
+            (:data:`VALIDATE_COLUMNS` after measure, subset, seed, set, row_index).
+        jobs: ``{(measure, subset, seed): training}``, each training's ``loss_first``, ``loss_last``,
+            ``steps``, ``seconds`` and ``key_owner`` (the subset it was trained for first); subsets with
+            the same members and seed share one training.
+        trainings: how many distinct trainings ran.
+        phases: wall seconds of the ``reference``, ``training`` and ``evaluation`` passes.
+    """
+
+    records: list[dict]
+    jobs: dict[tuple[str, str, int], dict]
+    trainings: int
+    phases: dict[str, float]
+
+
+def run_trainings(trainer: _Trainer, plan: SubsetPlan, encoded: dict[int, Any], *, progress: bool = False) -> Trainings:
+    """DPO on every subset of ``plan`` from the trainer's initial weights, and log π of its pairs before and after.
+
+    No files and no locks: ``encoded`` holds every row of the plan
+    (:meth:`SubsetPlan.used_rows`). The reference is the initial model's log π,
+    computed once; each distinct (members, seed) is trained once (``random`` is
+    the same for every measure) and the subset's and eval set's pairs are
+    measured after it. The trainer's weights are restored before each training;
+    giving the model back at the end is the caller's (:meth:`_Trainer.close`).
+
+    Raises:
+        ChesFilterError: training diverged (a loss or a log π after training is not finite).
+    """
+    from tqdm.auto import tqdm
+
+    config = trainer.config
+    jobs, distinct = _training_jobs(plan, config)
+    used = plan.used_rows()
+    steps_per_job = config.epochs * math.ceil(config.subset_size / config.batch_size)
+    _log_plan(trainer, plan, encoded, distinct, steps_per_job)
+    t0 = time.perf_counter()
+    ref = trainer.evaluate(used, encoded)
+    phases = {"reference": time.perf_counter() - t0, "training": 0.0, "evaluation": 0.0}
+    bar = tqdm(total=steps_per_job * len(distinct), desc="validate", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        for job in distinct.values():
+            _train_one(trainer, job, plan.eval_rows, encoded, ref, phases, on_step=lambda: bar.update(1))
+    finally:
+        bar.close()
+    return Trainings(_records(plan, jobs, encoded, ref), jobs, len(distinct), phases)
+
+
+def _training_jobs(plan: SubsetPlan, config: ValidateConfig) -> tuple[dict, dict]:
+    """``jobs``: the training of each (measure, subset, seed); ``distinct``: one per distinct (members, seed), shared."""
+    jobs: dict[tuple[str, str, int], dict] = {}
+    distinct: dict[tuple[tuple[int, ...], int], dict] = {}
+    for (measure, name), rows in plan.subsets.items():
+        for r in range(config.repeats):
+            seed = config.seed + r
+            key = (tuple(rows), seed)
+            if key not in distinct:
+                distinct[key] = {"rows": list(rows), "seed": seed, "key_owner": f"{measure}/{name}"}
+            jobs[(measure, name, seed)] = distinct[key]
+    return jobs, distinct
+
+
+def _log_plan(trainer: _Trainer, plan: SubsetPlan, encoded: dict[int, Any], distinct: dict, steps_per_job: int) -> None:
+    """The work, in padded tokens through the model (a trained token costs about three forward ones)."""
+    config = trainer.config
+    cost = {row: trainer._cost(encoded[row]) for row in plan.used_rows()}
+    trained = sum(cost[r] for job in distinct.values() for r in job["rows"])
+    after = sum(cost[r] for job in distinct.values() for r in set(job["rows"]) | set(plan.eval_rows))
+    logger.info(
+        "validate plan: %d distinct training(s) of %d step(s); tokens: %s reference + %s trained x %d epoch(s) "
+        "+ %s after training", len(distinct), steps_per_job, f"{sum(cost.values()):,}", f"{trained:,}",
+        config.epochs, f"{after:,}",
+    )
+    logger.info("log-probs of the initial model for %d pairs (%s path)", len(cost), "packed" if trainer.packed else "plain")
+
+
+def _train_one(trainer: _Trainer, job: dict, eval_rows: list[int], encoded: dict[int, Any],
+               ref: dict[int, tuple[float, float]], phases: dict[str, float], on_step: Callable[[], Any]) -> None:
+    """Train one job from the initial weights, then measure its members and the eval set (``job["after"]``)."""
+    t0 = time.perf_counter()
+    job.update(trainer.train(job["rows"], job["seed"], encoded, ref, on_step=on_step))
+    t1 = time.perf_counter()
+    job["after"] = trainer.evaluate(sorted(set(job["rows"]) | set(eval_rows)), encoded)
+    broken = [row for row, got in job["after"].items() if not all(math.isfinite(v) for v in got)]
+    if broken:
+        raise ChesFilterError(
+            f"training diverged: after training {job['key_owner']} (seed {job['seed']}) log π of "
+            f"{len(broken)} pair(s) is not finite (first: row {broken[0]}); lower `--lr` (now {trainer.config.lr:g})"
+        )
+    job["seconds"] = time.perf_counter() - t0
+    phases["training"] += t1 - t0
+    phases["evaluation"] += job["seconds"] - (t1 - t0)
+
+
+def _records(plan: SubsetPlan, jobs: dict, encoded: dict[int, Any], ref: dict[int, tuple[float, float]]) -> list[dict]:
+    """validate.parquet's rows: per (measure, subset, seed) each subset pair, then each eval pair."""
+    records = []
+    for (measure, name, seed), job in jobs.items():
+        for which, rows in (("subset", plan.subsets[(measure, name)]), ("eval", plan.eval_rows)):
+            for row in rows:
+                enc = encoded[row]
+                before, after = ref[row], job["after"][row]
+                records.append({
+                    "measure": measure, "subset": name, "seed": seed, "set": which, "row_index": row,
+                    "score": plan.scores[measure][row],
+                    "logp_chosen_before": before[0], "logp_chosen_after": after[0], "dlogp_chosen": after[0] - before[0],
+                    "logp_rejected_before": before[1], "logp_rejected_after": after[1], "dlogp_rejected": after[1] - before[1],
+                    "prompt_tokens": len(enc.prompt), "chosen_tokens": len(enc.chosen), "rejected_tokens": len(enc.rejected),
+                })
+    return records
+
+
+def records_table(records: Sequence[dict]) -> Any:
+    """validate.parquet's table (without its metadata)."""
+    import pyarrow as pa
+
+    fields = {"measure": pa.string(), "subset": pa.string(), "seed": pa.int64(), "set": pa.string(), "row_index": pa.int64()}
+    fields.update({c: (pa.int64() if c.endswith("_tokens") else pa.float64()) for c in VALIDATE_COLUMNS})
+    return pa.table({name: pa.array([r[name] for r in records], typ) for name, typ in fields.items()})
 
 
 # ------------------------------------------------------------------ summary
@@ -925,7 +1084,6 @@ def run_validate(
         The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
     """
     from .inputs import input_paths
-    from .run.workdir import WorkDir
 
     started = time.perf_counter()
     config = config or ValidateConfig()
@@ -941,130 +1099,230 @@ def run_validate(
     resume = _check_output_dir(output_dir, named, overwrite)
     if model is None:
         _check_model_up_front(config, score_config)
-    # One run per OUT_DIR, from before the input is read until the outputs are
-    # in place: a second run (even with --overwrite) is refused, naming this one.
-    existed = os.path.isdir(output_dir)
-    lock = WorkDir(output_dir).acquire(name="validate")
-    held: list[str] = []  # the scoring work directory's lock, once scoring is done (see _run_locked)
-    try:
-        return _run_locked(data, output_dir, config, score_config, scores, overwrite, resume, model, progress, inputs,
-                           started, held)
-    finally:
-        for other in held:
-            WorkDir.release(other, remove_dir=False)
-        # A refused run leaves no directory it created; one that was there stays (even empty, even `.`).
-        WorkDir.release(lock, remove_dir=not existed)
+    run = ValidateRun(data, output_dir, config, score_config, scores=scores, overwrite=overwrite, resume=resume,
+                      progress=progress, inputs=inputs, started=started)
+    return run.run(model)
 
 
-def _run_locked(
-    data: Any, output_dir: str, config: ValidateConfig, score_config: ScoreConfig, scores: str | None, overwrite: bool,
-    resume: bool, model: Any, progress: bool | None, inputs: list[str], started: float, held: list[str],
-) -> dict:
-    """:func:`run_validate` once its paths are checked and OUT_DIR is locked.
+class ValidateRun:
+    """One validate run into an OUT_DIR whose paths are checked: its locks, resume, scoring and writes.
 
-    Scoring keeps its work directory (``OUT_DIR/scores.parquet.parts``) until
-    the outputs are written, so rerunning the same command after a failure
-    (full disk, Ctrl-C, too few usable rows) does not score again; with
-    ``overwrite`` an earlier run's work is discarded and everything is redone.
+    The steps: lock OUT_DIR, load the input, score it (or read ``--scores``),
+    plan the subsets, load the model, encode the rows, :func:`run_trainings`,
+    summarize, write the outputs, clean up. Scoring keeps its work directory
+    (``OUT_DIR/scores.parquet.parts``) until the outputs are written, so
+    rerunning the same command after a failure (full disk, Ctrl-C, too few
+    usable rows) does not score again; with ``overwrite`` an earlier run's work
+    is discarded and everything is redone.
     """
-    import pyarrow as pa
-    from tqdm.auto import tqdm
 
-    from .batching import PairEncoder
-    from .formats import normalize_row
-    from .scorefile import read_table
-    from .inputs import check_scores_belong, load_input
-    from .scoring import scores_identity
+    def __init__(self, data: Any, output_dir: str, config: ValidateConfig, score_config: ScoreConfig, *,
+                 scores: str | None, overwrite: bool, resume: bool, progress: bool | None, inputs: list[str],
+                 started: float) -> None:
+        self.data, self.output_dir, self.config, self.score_config = data, output_dir, config, score_config
+        self.scores, self.overwrite, self.resume, self.progress = scores, overwrite, resume, progress
+        self.inputs, self.started = inputs, started
+        self.own_scores = os.path.join(output_dir, "scores.parquet")
+        self.scores_path = self.own_scores  # where this run's own scoring goes (NEW_SCORES beside a finished run)
+        self.held: list[str] = []  # the scoring work directory's lock, once scoring is done
+        self.phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
 
-    from .run.workdir import WorkDir, default_work_dir
+    def run(self, model: Any) -> dict:
+        """Every step under OUT_DIR's lock: a second run (even with ``--overwrite``) is refused, naming this one."""
+        from .run.workdir import WorkDir
 
-    phases: dict[str, float] = {}  # wall seconds per phase, in summary.json
-    own_scores = os.path.join(output_dir, "scores.parquet")
-    scores_path = own_scores  # where this run's own scoring goes (NEW_SCORES beside a finished run)
-    if resume and os.listdir(output_dir) != ["locks"]:
-        logger.info("%s holds an unfinished run: resuming it (its finished scoring is reused)", output_dir)
-    ds, layout, columns = load_input(data, score_config)
-    need = needed_rows(config)
-    if len(ds) < need:
-        raise BadDataError(
-            f"the input has {len(ds)} rows but validate needs at least {need} scored ones (eval set "
-            f"{config.eval_size} + subsets of {config.subset_size}); lower `--subset-size` or `--eval-size`"
-        )
-    if scores is not None:
-        table, meta = read_table(os.fspath(scores))
-        check_scores_belong(meta, table.num_rows, ds, layout, columns, flag="--scores", chunk_size=score_config.chunk_size)
+        existed = os.path.isdir(self.output_dir)
+        lock = WorkDir(self.output_dir).acquire(name="validate")
+        try:
+            return self._steps(model)
+        finally:
+            self._release_scoring()
+            # A refused run leaves no directory it created; one that was there stays (even empty, even `.`).
+            WorkDir.release(lock, remove_dir=not existed)
+
+    def _steps(self, model: Any) -> dict:
+        from .inputs import load_input
+        from .scoring import scores_identity
+
+        if self.resume and os.listdir(self.output_dir) != ["locks"]:
+            logger.info("%s holds an unfinished run: resuming it (its finished scoring is reused)", self.output_dir)
+        ds, layout, columns = load_input(self.data, self.score_config)
+        need = needed_rows(self.config)
+        if len(ds) < need:
+            raise BadDataError(
+                f"the input has {len(ds)} rows but validate needs at least {need} scored ones (eval set "
+                f"{self.config.eval_size} + subsets of {self.config.subset_size}); lower `--subset-size` or `--eval-size`"
+            )
+        table, meta = self._read_given_scores(ds, layout, columns) if self.scores is not None else self._score()
+        plan = plan_subsets(table, self.config)
+        model = self._model(model)
+        encoded = encode_rows(plan.used_rows(), ds, layout, columns, model, self.score_config)
+        trainer = _Trainer(model, self.config, self.score_config)
+        show = (not self.score_config.quiet) if self.progress is None else self.progress
+        try:
+            done = run_trainings(trainer, plan, encoded, progress=show)
+        finally:
+            trainer.close()
+        self.phases.update(done.phases)
+        summary = self._summary(plan, done, trainer, model.info, scores_identity(meta, table.num_rows))
+        self._write(done.records, summary)
+        self._clean_up()
+        summary["table"] = format_table(summary)
+        return summary
+
+    def _read_given_scores(self, ds: Any, layout: str, columns: Any) -> tuple[Any, dict]:
+        """``--scores``: read, and refuse a file of other rows or another ``--layout``."""
+        from .inputs import check_scores_belong
+        from .scorefile import read_table
+
+        table, meta = read_table(os.fspath(self.scores))
+        check_scores_belong(meta, table.num_rows, ds, layout, columns, flag="--scores",
+                            chunk_size=self.score_config.chunk_size)
         stored = meta.get("token_layout")
-        if stored is not None and stored != score_config.layout:
+        if stored is not None and stored != self.score_config.layout:
             raise BadFlagError(
-                f"`--scores` was computed with `--layout {stored}`, not `--layout {score_config.layout}`; pass the "
+                f"`--scores` was computed with `--layout {stored}`, not `--layout {self.score_config.layout}`; pass the "
                 "same layout so the tokens trained on are the tokens scored"
             )
-        plan = plan_subsets(table, config)
-        os.makedirs(output_dir, exist_ok=True)
-    else:
+        return table, meta
+
+    def _score(self) -> tuple[Any, dict]:
+        """Score into OUT_DIR (resuming an unfinished scoring there), then hold the scoring's lock until the end.
+
+        With ``overwrite`` an earlier run's parts are discarded; a finished run
+        stays whole until this run's outputs replace it: the scoring goes beside
+        it (:data:`NEW_SCORES`), where the same command resumes it after an interruption.
+        """
         from .config import JobConfig
         from .run import score_to_file
+        from .run.workdir import WorkDir, default_work_dir
+        from .scorefile import read_table
 
-        wanted = ",".join(dict.fromkeys(score_config.measure_list + config.by_list))
-        scoring = dataclasses.replace(score_config, measures=wanted)
-        if overwrite:
-            _discard_work(own_scores)  # an earlier run's parts: start over
-        if overwrite and any(os.path.lexists(os.path.join(output_dir, name)) for name in OUTPUT_FILES):
-            # A finished run stays whole until this run's outputs replace it (scores.parquet with them):
-            # score beside it, and resume that scoring when the same command is rerun after an interruption.
-            scores_path = os.path.join(output_dir, NEW_SCORES)
+        wanted = ",".join(dict.fromkeys(self.score_config.measure_list + self.config.by_list))
+        scoring = dataclasses.replace(self.score_config, measures=wanted)
+        if self.overwrite:
+            _discard_work(self.own_scores)  # an earlier run's parts: start over
+        if self.overwrite and any(os.path.lexists(os.path.join(self.output_dir, name)) for name in OUTPUT_FILES):
+            self.scores_path = os.path.join(self.output_dir, NEW_SCORES)
         t0 = time.perf_counter()
         try:
-            if scores_path != own_scores:
-                _score_beside(data, scores_path, scoring, progress)
+            if self.scores_path != self.own_scores:
+                _score_beside(self.data, self.scores_path, scoring, self.progress)
             else:
-                score_to_file(data, own_scores, scoring, JobConfig(keep_work_dir=True), overwrite=overwrite,
-                              progress=progress)
+                score_to_file(self.data, self.own_scores, scoring, JobConfig(keep_work_dir=True),
+                              overwrite=self.overwrite, progress=self.progress)
         except BadFlagError as exc:
-            if not resume:
+            if not self.resume:
                 raise
             why = "; ".join(getattr(exc, "problems", None) or [str(exc).rstrip(".")])
             raise BadFlagError(
-                f"`--output` {output_dir} holds an unfinished run that this command cannot resume ({why}); rerun with "
-                "that run's scoring flags and input, or pass `--overwrite` to start over"
+                f"`--output` {self.output_dir} holds an unfinished run that this command cannot resume ({why}); rerun "
+                "with that run's scoring flags and input, or pass `--overwrite` to start over"
             ) from None
-        phases["scoring"] = time.perf_counter() - t0
+        self.phases["scoring"] = time.perf_counter() - t0
         # Until the outputs are written, a `score` into OUT_DIR/scores.parquet must not replace the scores
         # this run trains on, nor delete the parts a rerun resumes from.
-        held.append(WorkDir(default_work_dir(scores_path)).acquire(0, 1))
-        table, meta = read_table(scores_path)
-        plan = plan_subsets(table, config)
+        self.held.append(WorkDir(default_work_dir(self.scores_path)).acquire(0, 1))
+        return read_table(self.scores_path)
 
-    if model is None:
-        from .model import load_model
+    def _model(self, model: Any) -> Any:
+        """The given model, or the one ``--model`` names loaded in float32 with its LM head; refused if training cannot fit."""
+        from .model import free_memory, training_memory_problem
 
-        t0 = time.perf_counter()
-        from .model import resolve_device, training_autocast
+        if model is None:
+            t0 = time.perf_counter()
+            model = load_training_model(self.score_config, self.config)
+            self.phases["model_load"] = time.perf_counter() - t0
+        if model.decoder.get_output_embeddings() is None:
+            raise BadDataError("validate needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
+        params = sum(p.numel() for p in model.decoder.parameters())
+        problem = training_memory_problem(params, TRAIN_BYTES_PER_PARAM[self.config.optimizer], str(model.device),
+                                          *free_memory(model.device), on_device=True)
+        if problem:
+            raise BadFlagError(problem)
+        return model
 
-        autocast, _ = training_autocast(score_config.dtype, resolve_device(score_config.device))
-        model = load_model(
-            score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
-            dtype="float32", device=score_config.device, attn_implementation=score_config.attn_implementation,
-            with_lm_head=True, autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
-            train_bytes_per_param=TRAIN_BYTES_PER_PARAM[config.optimizer],
-        )
-        phases["model_load"] = time.perf_counter() - t0
-    if model.decoder.get_output_embeddings() is None:
-        raise BadDataError("validate needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
-    from .model import free_memory, training_memory_problem
+    def _summary(self, plan: SubsetPlan, done: Trainings, trainer: _Trainer, model_info: dict, identity: dict) -> dict:
+        """summary.json's content (without ``seconds``); ``identity``: the scores' (report --validate checks it)."""
+        subsets = summarize(done.records, done.jobs, self.config)
+        return ValidateSummary(
+            ches_filter_version=__version__,
+            input=self.inputs[0] if self.inputs else None,
+            scores=os.fspath(self.scores) if self.scores is not None else self.own_scores,
+            scores_identity=identity,
+            model=model_info,
+            token_layout=self.score_config.layout,
+            logprob_path="packed" if trainer.packed else "plain",
+            autocast=None if trainer.autocast is None else str(trainer.autocast).replace("torch.", ""),
+            config=dataclasses.asdict(self.config),
+            eval_rows=plan.eval_rows,
+            trainings=done.trainings,
+            phase_seconds=self.phases,
+            subsets=subsets,
+            verdicts=verdicts(subsets, self.config),
+        ).to_dict()
 
-    params = sum(p.numel() for p in model.decoder.parameters())
-    problem = training_memory_problem(params, TRAIN_BYTES_PER_PARAM[config.optimizer], str(model.device),
-                                      *free_memory(model.device), on_device=True)
-    if problem:
-        raise BadFlagError(problem)
+    def _write(self, records: list[dict], summary: dict) -> None:
+        """validate.parquet, summary.json, validate.png (and the new scores of an ``--overwrite`` run): all or none."""
+        out_table = records_table(records)
+        png = plot(summary)
+        summary["seconds"] = time.perf_counter() - self.started
+        meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
+        _write_outputs(self.output_dir, out_table, meta_out, summary, png,
+                       new_scores=self.scores_path if self.scores_path != self.own_scores else None)
+
+    def _clean_up(self) -> None:
+        """Once the outputs are in place: the scoring's parts, kept until now for a rerun after a failure; with
+        ``--scores``, an earlier unfinished run's own scores, which this finished run did not use."""
+        from .run.workdir import WorkDir, default_work_dir
+
+        self._release_scoring()
+        own = self.own_scores
+        if self.scores is None:
+            WorkDir(default_work_dir(self.scores_path)).remove()
+        elif os.path.realpath(self.scores) != os.path.realpath(own) and (
+            os.path.lexists(own) or os.path.lexists(default_work_dir(own))
+        ):
+            logger.info("removing %s (and its parts) of an earlier run: this run used %s", own, self.scores)
+            _discard_work(own)
+            if not os.path.isdir(own) or os.path.islink(own):
+                from .atomic import remove
+
+                remove(own)  # a file of ours (a directory by that name is no score file: left alone)
+
+    def _release_scoring(self) -> None:
+        from .run.workdir import WorkDir
+
+        for lock in self.held:
+            WorkDir.release(lock, remove_dir=False)
+        self.held.clear()
+
+
+def load_training_model(score_config: ScoreConfig, config: ValidateConfig) -> Any:
+    """``--model`` in float32 with its LM head (``--dtype`` other than float32 becomes autocast)."""
+    from .model import load_model, resolve_device, training_autocast
+
+    autocast, _ = training_autocast(score_config.dtype, resolve_device(score_config.device))
+    return load_model(
+        score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
+        dtype="float32", device=score_config.device, attn_implementation=score_config.attn_implementation,
+        with_lm_head=True, autocast=str(autocast).replace("torch.", "") if autocast is not None else None,
+        train_bytes_per_param=TRAIN_BYTES_PER_PARAM[config.optimizer],
+    )
+
+
+def encode_rows(rows: Sequence[int], ds: Any, layout: str, columns: Any, model: Any,
+                score_config: ScoreConfig) -> dict[int, Any]:
+    """``{row: EncodedPair}`` as the rows were scored; a row that no longer encodes ``ok`` is refused."""
+    from .batching import PairEncoder
+    from .formats import normalize_row
+
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
     )
     max_length = score_config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
-    used = sorted(set(plan.eval_rows).union(*plan.subsets.values()))
     encoded = {}
-    for row in used:
+    for row in rows:
         status, enc = encoder.encode_checked(normalize_row(ds[row], layout, columns), max_length)
         if status != "ok":
             raise BadDataError(
@@ -1072,113 +1330,4 @@ def _run_locked(
                 "tokenizer or `--max-length`: rescore, or pass the same options"
             )
         encoded[row] = enc
-
-    trainer = _Trainer(model, config, score_config)
-    show = (not score_config.quiet) if progress is None else progress
-    try:
-        # Jobs: one per distinct (members, seed); `random` is shared by every measure.
-        jobs: dict[tuple[str, str, int], dict] = {}
-        distinct: dict[tuple[tuple[int, ...], int], dict] = {}
-        for (measure, name), rows in plan.subsets.items():
-            for r in range(config.repeats):
-                seed = config.seed + r
-                key = (tuple(rows), seed)
-                if key not in distinct:
-                    distinct[key] = {"rows": list(rows), "seed": seed, "key_owner": f"{measure}/{name}"}
-                jobs[(measure, name, seed)] = distinct[key]
-        # The work, in padded tokens through the model (a trained token costs about three forward ones).
-        steps_per_job = config.epochs * math.ceil(config.subset_size / config.batch_size)
-        cost = {row: trainer._cost(encoded[row]) for row in used}
-        trained = sum(cost[r] for job in distinct.values() for r in job["rows"])
-        after = sum(cost[r] for job in distinct.values() for r in set(job["rows"]) | set(plan.eval_rows))
-        logger.info(
-            "validate plan: %d distinct training(s) of %d step(s); tokens: %s reference + %s trained x %d epoch(s) "
-            "+ %s after training", len(distinct), steps_per_job, f"{sum(cost.values()):,}", f"{trained:,}",
-            config.epochs, f"{after:,}",
-        )
-        logger.info("log-probs of the initial model for %d pairs (%s path)", len(used), "packed" if trainer.packed else "plain")
-        t0 = time.perf_counter()
-        ref = trainer.evaluate(used, encoded)
-        phases["reference"] = time.perf_counter() - t0
-        bar = tqdm(total=steps_per_job * len(distinct), desc="validate", unit="step", disable=not show, dynamic_ncols=True)
-        try:
-            phases["training"] = phases["evaluation"] = 0.0
-            for job in distinct.values():
-                t0 = time.perf_counter()
-                job.update(trainer.train(job["rows"], job["seed"], encoded, ref, on_step=lambda: bar.update(1)))
-                t1 = time.perf_counter()
-                job["after"] = trainer.evaluate(sorted(set(job["rows"]) | set(plan.eval_rows)), encoded)
-                broken = [row for row, got in job["after"].items() if not all(math.isfinite(v) for v in got)]
-                if broken:
-                    raise ChesFilterError(
-                        f"training diverged: after training {job['key_owner']} (seed {job['seed']}) log π of "
-                        f"{len(broken)} pair(s) is not finite (first: row {broken[0]}); lower `--lr` "
-                        f"(now {config.lr:g})"
-                    )
-                job["seconds"] = time.perf_counter() - t0
-                phases["training"] += t1 - t0
-                phases["evaluation"] += job["seconds"] - (t1 - t0)
-        finally:
-            bar.close()
-    finally:
-        trainer.restore()
-        if config.gradient_checkpointing and not any(flag for _, flag in trainer.state.checkpointing):
-            (getattr(model.decoder, "activation_checkpointing_disable", None) or model.decoder.gradient_checkpointing_disable)()
-        trainer.state.restore()  # dropout rates, train/eval flags and requires_grad as the model came
-
-    records = []
-    for (measure, name, seed), job in jobs.items():
-        for which, rows in (("subset", plan.subsets[(measure, name)]), ("eval", plan.eval_rows)):
-            for row in rows:
-                enc = encoded[row]
-                before, after = ref[row], job["after"][row]
-                records.append({
-                    "measure": measure, "subset": name, "seed": seed, "set": which, "row_index": row,
-                    "score": plan.scores[measure][row],
-                    "logp_chosen_before": before[0], "logp_chosen_after": after[0], "dlogp_chosen": after[0] - before[0],
-                    "logp_rejected_before": before[1], "logp_rejected_after": after[1], "dlogp_rejected": after[1] - before[1],
-                    "prompt_tokens": len(enc.prompt), "chosen_tokens": len(enc.chosen), "rejected_tokens": len(enc.rejected),
-                })
-    subsets = summarize(records, jobs, config)
-    summary = ValidateSummary(
-        ches_filter_version=__version__,
-        input=inputs[0] if inputs else None,
-        scores=os.fspath(scores) if scores is not None else own_scores,
-        scores_identity=scores_identity(meta, table.num_rows),  # report --validate checks it
-        model=model.info,
-        token_layout=score_config.layout,
-        logprob_path="packed" if trainer.packed else "plain",
-        autocast=None if trainer.autocast is None else str(trainer.autocast).replace("torch.", ""),
-        config=dataclasses.asdict(config),
-        eval_rows=plan.eval_rows,
-        trainings=len(distinct),
-        phase_seconds=phases,
-        subsets=subsets,
-        verdicts=verdicts(subsets, config),
-    ).to_dict()
-    fields = {"measure": pa.string(), "subset": pa.string(), "seed": pa.int64(), "set": pa.string(), "row_index": pa.int64()}
-    fields.update({c: (pa.int64() if c.endswith("_tokens") else pa.float64()) for c in VALIDATE_COLUMNS})
-    out_table = pa.table({name: pa.array([r[name] for r in records], typ) for name, typ in fields.items()})
-    png = plot(summary)
-    summary["seconds"] = time.perf_counter() - started
-    meta_out = {k: v for k, v in summary.items() if k not in ("subsets",)}
-    _write_outputs(output_dir, out_table, meta_out, summary, png,
-                   new_scores=scores_path if scores_path != own_scores else None)
-    # The scoring's parts, kept until now for a rerun after a failure; with --scores, an earlier
-    # unfinished run's scores, which this finished run did not use.
-    for lock in held:
-        WorkDir.release(lock, remove_dir=False)
-    held.clear()
-    if scores is None:
-        WorkDir(default_work_dir(scores_path)).remove()
-    elif os.path.realpath(scores) != os.path.realpath(own_scores) and (
-        os.path.lexists(own_scores) or os.path.lexists(default_work_dir(own_scores))
-    ):
-        logger.info("removing %s (and its parts) of an earlier run: this run used %s", own_scores, scores)
-        _discard_work(own_scores)
-        if not os.path.isdir(own_scores) or os.path.islink(own_scores):
-            from .atomic import remove
-
-            remove(own_scores)  # a file of ours (a directory by that name is no score file: left alone)
-    summary["table"] = format_table(summary)
-    return summary
+    return encoded
