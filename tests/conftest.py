@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import math
 import os
+import traceback
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,6 +28,48 @@ def read_hh(n: int | None = None) -> list[dict]:
     else:
         rows = [json.loads(line) for line in EXAMPLE_HH.read_text(encoding="utf-8").splitlines()]
     return rows[:n] if n is not None else rows
+
+
+GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
+#: Three HH-RLHF-shaped pairs, one with non-ASCII text.
+THREE_HH_PAIRS = [
+    {"chosen": "Human: hi\n\nAssistant: hello", "rejected": "Human: hi\n\nAssistant: go away"},
+    {"chosen": "Human: café?\n\nAssistant: oui", "rejected": "Human: café?\n\nAssistant: non"},
+    {"chosen": "Human: 2+2\n\nAssistant: 4", "rejected": "Human: 2+2\n\nAssistant: 5"},
+]
+#: One HH-RLHF transcript pair.
+HH_PAIR = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
+
+#: Six minimal pairs p0..p5 / c0..c5 / r0..r5.
+PAIRS = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(6)]
+#: Five small pairs: four ordinary, one with identical responses (status `identical_responses`).
+FIVE_PAIRS = [
+    {"prompt": "What is 2 + 2?", "chosen": "It is 4.", "rejected": "It is 5, I believe."},
+    {"prompt": "Describe a zebra.", "chosen": "Striped, like a barcode.", "rejected": "Purple."},
+    {"prompt": "Say hi.", "chosen": "Hi there!", "rejected": "Hello, friend, how are you today?"},
+    {"prompt": "Name a colour.", "chosen": "Blue", "rejected": "Blue"},  # identical responses
+    {"prompt": "Count to three.", "chosen": "1, 2, 3.", "rejected": "3, 2, 1."},
+]
+
+
+def invoke(*args, env=None):
+    """Run the CLI in process; an uncaught exception propagates (a traceback is a test failure, never an exit code)."""
+    from click.testing import CliRunner
+
+    from ches_filter.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, env=env)
+
+
+def error_lines(result) -> list[str]:
+    """The ``Error:`` lines of a CLI result."""
+    return [line for line in result.output.splitlines() if line.startswith("Error:")]
+
+
+def write_jsonl(path, rows):
+    """Write ``rows`` as JSON lines (UTF-8, non-ASCII kept) and return ``path``."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -111,6 +158,14 @@ def tiny_model_dir(tmp_path_factory, embedded_tokenizer):
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny(tiny_model_dir):
+    """``tiny_model_dir`` loaded the way the CLI loads a model (float32, CPU)."""
+    from ches_filter.model import load_model
+
+    return load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+
+
 @pytest.fixture(autouse=True)
 def _reset_cli_logging():
     """The CLI installs its own handler and stops propagation; undo it so caplog sees records."""
@@ -121,6 +176,205 @@ def _reset_cli_logging():
     log.handlers[:] = []
     log.propagate = True
     log.setLevel(logging.NOTSET)
+
+
+# --------------------------------------------------------------------------
+# Helpers shared by the test files
+# --------------------------------------------------------------------------
+
+
+def rows_of(ds) -> list[dict]:
+    """A dataset's rows as plain dicts."""
+    return [dict(r) for r in ds]
+
+
+def listing(directory: Path) -> list[str]:
+    """The sorted names in ``directory``."""
+    return sorted(p.name for p in directory.iterdir())
+
+
+def example_rows(n, start=0):
+    """``n`` rows of the shipped example slice from row ``start``."""
+    return [json.loads(x) for x in EXAMPLE_HH.read_text(encoding="utf-8").splitlines()[start:start + n]]
+
+
+
+def write_bytes(path, payload: bytes):
+    """Write raw bytes (for broken encodings and cut files) and return ``path``."""
+    path.write_bytes(payload)
+    return path
+
+
+def write_lines(path, lines) -> None:
+    """Write text lines exactly as given (line endings included)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.writelines(lines)
+
+
+def snapshot(root):
+    """Every file and link under ``root`` (hidden ones too): size, mtime and content hash."""
+    state = {}
+    for base, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(base, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                state[rel] = ("link", os.readlink(path))
+            elif os.path.isfile(path):
+                st = os.stat(path)
+                with open(path, "rb") as handle:
+                    digest = hashlib.sha256(handle.read()).hexdigest()
+                state[rel] = (st.st_size, st.st_mtime_ns, digest)
+            else:
+                state[rel] = ("dir",)
+    return state
+
+
+def one_error_line(result) -> str:
+    """The single error line of a CLI result (no traceback); fails the test otherwise."""
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def assert_refused(result, code, *needles, out=None):
+    """Exit ``code`` with one ``Error:`` line holding every needle, no traceback, no output written."""
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("uncaught " + "".join(traceback.format_exception(result.exception)))
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    if out is not None:
+        assert not os.path.lexists(out), "a refused run wrote its output"
+        assert not os.path.lexists(str(out) + ".parts"), "a refused run left a work directory"
+    return errors[0]
+
+
+def run_score(data_path, out, model_dir, *extra):
+    """`score` in process, exceptions caught (for :func:`check_outcome`), parts of 3 rows."""
+    from click.testing import CliRunner
+
+    from ches_filter.cli import main
+
+    args = ["score", str(data_path), "-o", str(out), "--model", str(model_dir), "-q", "--checkpoint-every", "3", *extra]
+    return CliRunner().invoke(main, args, catch_exceptions=True)
+
+
+def check_outcome(result, data_path, out, expected_rows):
+    """Exit 0 with every row accounted for, or exit 1 with one error naming the file."""
+    from ches_filter.scoring import SCORE_STATUSES
+
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        detail = "".join(traceback.format_exception(result.exception))
+        pytest.fail(f"uncaught {type(result.exception).__name__}:\n{detail}")
+    assert "Traceback" not in result.output
+    if result.exit_code == 0:
+        table = pq.read_table(out)
+        assert table.num_rows == expected_rows, "a row went missing"
+        assert table.column("row_index").to_pylist() == list(range(expected_rows))
+        for status, ches, ln_ches in zip(*(table.column(c).to_pylist() for c in ("status", "ches", "ln_ches"))):
+            assert status in SCORE_STATUSES
+            if status in ("ok", "identical_responses"):  # identical responses score exactly 0
+                assert math.isfinite(ches) and math.isfinite(ln_ches)
+            else:
+                assert ches is None and ln_ches is None
+        return "scored"
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    assert os.path.basename(data_path) in errors[0], errors[0]
+    assert not os.path.exists(out), "a failed run left an output behind"
+    return "refused"
+
+
+def make_scores(data, out, **config):
+    """A score file for ``data`` that prune accepts: the real input fingerprint, made-up scores (rank = row)."""
+    from ches_filter import scorefile
+    from ches_filter.config import ScoreConfig
+    from ches_filter.inputs import input_fingerprint, load_input
+
+    ds, layout, columns = load_input(str(data), ScoreConfig(**config))
+    n = len(ds)
+    table = pa.table({
+        "row_index": pa.array(range(n), pa.int64()),
+        "ches": [float(i) * 1.1 for i in range(n)],
+        "ln_ches": [0.1 + i / 7 for i in range(n)],
+        "status": ["ok"] * n,
+    })
+    meta = {
+        "input_fingerprint": input_fingerprint(ds, layout, columns),
+        "columns": {"prompt": columns.prompt, "chosen": columns.chosen, "rejected": columns.rejected, "id": columns.id},
+        "input_format": layout,
+        "num_rows": n,
+    }
+    scorefile.write_table(table, str(out), metadata=meta, overwrite=True)
+    return out
+
+
+def tiny_causal_llama(dtype=None, vocab=96, seed=0):
+    """A 2-layer random Llama with its LM head (float32 unless ``dtype``), in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )).to(dtype or torch.float32).eval()
+
+
+def tiny_gpt2(vocab: int, dropout: float = 0.1, seed: int = 0):
+    """A 2-layer random GPT-2 with dropout everywhere (embeddings, attention, residuals)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=4096, resid_pdrop=dropout,
+                        embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    lm = GPT2LMHeadModel(config)
+    lm.config._attn_implementation = "sdpa"
+    return lm
+
+
+def pairs_of(n, seed, prompt=(3, 12), response=(1, 8)):
+    """``n`` random encoded pairs (ids 4..255, responses ending in EOS id 2)."""
+    import torch
+
+    from ches_filter.batching import EncodedPair
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(lo, hi):
+        length = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return tuple(torch.randint(4, 256, (length,), generator=g).tolist())
+
+    return [EncodedPair(ids(*prompt), ids(*response) + (2,), ids(*response) + (2,)) for _ in range(n)]
+
+
+def cli_choices(command, option):
+    """The values the CLI accepts for ``command --option``."""
+    from ches_filter.cli import main
+
+    for param in main.commands[command].params:
+        if param.name == option:
+            return list(param.type.choices)
+    raise AssertionError(f"{command} has no --{option}")
+
+
+@pytest.fixture(scope="module")
+def scored_without_ches(tmp_path_factory, tiny_model_dir):
+    """A score file made with `--measures last_hidden_ip,edit_distance`, and its input."""
+    folder = tmp_path_factory.mktemp("no-ches")
+    data = write_jsonl(folder / "d.jsonl", FIVE_PAIRS)
+    scores = folder / "s.parquet"
+    result = invoke("score", data, "-o", scores, "--model", tiny_model_dir, "--measures", "last_hidden_ip,edit_distance", "-q")
+    assert result.exit_code == 0, result.output
+    assert not {"ches", "ln_ches"} & set(pq.read_table(scores).column_names)
+    return data, scores
 
 
 # --------------------------------------------------------------------------

@@ -1,5 +1,9 @@
 """The CLI: help for every command, exit codes and one-line errors for bad flags and bad data."""
 
+from ches_filter.formats import Columns
+import math
+from ches_filter.formats import normalize_row
+import pyarrow.parquet as pq
 import json
 import subprocess
 import sys
@@ -10,11 +14,9 @@ from click.testing import CliRunner
 
 from ches_filter.cli import main
 
-from conftest import EXAMPLE_HH
+from conftest import EXAMPLE_HH, invoke, read_hh
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_top_level_help():
@@ -31,11 +33,12 @@ def test_every_command_has_help(command):
 
 
 @pytest.mark.slow
-def test_help_does_not_import_torch():
+def test_help_and_the_registries_do_not_import_torch():
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from ches_filter.cli import main\n"
+        "import ches_filter.batching, ches_filter.config, ches_filter.formats, ches_filter.measures, ches_filter.strategies\n"
         "for cmd in ([], *[[c] for c in main.commands]):\n"
         "    assert CliRunner().invoke(main, [*cmd, '--help']).exit_code == 0\n"
         "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)))\n"
@@ -219,3 +222,68 @@ def test_revision_is_kept_for_a_hub_id():
     from ches_filter.config import ScoreConfig
 
     assert ScoreConfig(model="owner/name", revision="v1.0").revision == "v1.0"
+
+
+def test_score_prune_report_end_to_end(tmp_path, hh_file, tiny_model_dir):
+    import datasets
+
+    data, rows = hh_file
+    model = ["--model", tiny_model_dir, "-q"]
+    scores = tmp_path / "scores.parquet"
+    result = invoke("score", data, "-o", scores, *model, "--checkpoint-every", 7)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(scores)
+    n = len(rows)
+    assert table.column("row_index").to_pylist() == list(range(n))
+    status = table.column("status").to_pylist()
+    expected_status = [normalize_row(r, "implicit_text", Columns()).status for r in rows]
+    assert status[-2:] == ["identical_responses", "empty_chosen"]
+    assert all(got == want for got, want in zip(status, expected_status) if want != "ok")
+    ln = table.column("ln_ches").to_pylist()
+    ok = [i for i in range(n) if status[i] == "ok"]
+    assert len(ok) >= 20 and all(math.isfinite(ln[i]) for i in ok)
+    assert f"scored {len(ok)} of {n} rows" in result.output
+
+    # prune with the score file: the lowest-LN-CHES 90% of the ok rows, in input order, untouched.
+    pruned, rejects = tmp_path / "pruned.parquet", tmp_path / "rejects.jsonl"
+    result = invoke("prune", data, "--keep", 0.9, "--scores", scores, "-o", pruned, "--rejects", rejects, *model)
+    assert result.exit_code == 0, result.output
+    n_keep = math.floor(0.9 * len(ok) + 0.5)
+    lowest = sorted(sorted(ok, key=lambda i: (ln[i], i))[:n_keep])
+    kept = datasets.load_dataset("parquet", data_files=str(pruned), split="train")
+    assert kept["extra"] == lowest
+    assert kept["chosen"] == [rows[i]["chosen"] for i in lowest]
+    dropped = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["extra"] for r in dropped) == sorted(set(range(n)) - set(lowest))
+    reasons = {r["extra"]: r["ches_filter_reason"] for r in dropped}
+    assert reasons[24] == "identical_responses" and reasons[25] == "empty_chosen"
+    threshold = max(ln[i] for i in lowest)
+    assert f"kept:     {n_keep}" in result.output and f"threshold: ln_ches <= {threshold:.6g}" in result.output
+
+    # prune that scores by itself keeps the same rows.
+    again = tmp_path / "again.jsonl"
+    result = invoke("prune", data, "--keep", 0.9, "-o", again, *model)
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["extra"] for line in again.read_text(encoding="utf-8").splitlines()] == lowest
+
+    # report: the same threshold for --keep 0.9, and the extremes are the extreme rows.
+    report = tmp_path / "report"
+    result = invoke("report", scores, "-o", report, "--data", data, "--keep", 0.9, "--top", 3)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
+    assert summary["rows"] == n and summary["scored"] == len(ok)
+    assert summary["thresholds"]["ln_ches"]["0.9"]["threshold"] == threshold
+    assert summary["thresholds"]["ln_ches"]["0.9"]["kept"] == n_keep
+    ranked = sorted(ok, key=lambda i: (ln[i], i))
+    assert summary["lowest"] == ranked[:3] and summary["highest"] == ranked[::-1][:3]
+    assert {p.name for p in report.iterdir()} == {"summary.json", "histogram.png", "length.png", "report.html"}
+
+
+@pytest.fixture(scope="module")
+def hh_file(tmp_path_factory):
+    rows = [dict(r, extra=i) for i, r in enumerate(read_hh(24))]
+    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same", "extra": 24})
+    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello", "extra": 25})
+    path = tmp_path_factory.mktemp("data") / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path, rows

@@ -12,7 +12,6 @@ from ches_filter.formats import Columns, normalize_row
 
 from conftest import read_hh
 
-pytestmark = pytest.mark.slow  # the embedded model's tokenizer, through the `embedded` fixture
 
 CONVERSATIONAL = [
     {
@@ -42,9 +41,9 @@ def both_ways(encoder, pairs, max_length):
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "text"])
-def test_hh_rows_encode_the_same_as_lists(embedded, chat):
+def test_hh_rows_encode_the_same_as_lists(embedded_tokenizer, chat):
     pairs = hh_pairs()
-    encoder = PairEncoder(embedded.tokenizer, use_chat_template=chat)
+    encoder = PairEncoder(embedded_tokenizer, use_chat_template=chat)
     one = [encoder.encode_checked(p, 300) for p in pairs]
     encoder.encode_checked = None  # the list path must not fall back to pair by pair here
     many = encoder.encode_checked_many(pairs, 300)
@@ -54,15 +53,15 @@ def test_hh_rows_encode_the_same_as_lists(embedded, chat):
     assert len(many) == len(pairs)
 
 
-def test_conversational_rows_encode_the_same_as_lists(embedded):
+def test_conversational_rows_encode_the_same_as_lists(embedded_tokenizer):
     pairs = [normalize_row(row, "explicit_conversational", Columns()) for row in CONVERSATIONAL]
-    one, many = both_ways(PairEncoder(embedded.tokenizer), pairs, 4096)
+    one, many = both_ways(PairEncoder(embedded_tokenizer), pairs, 4096)
     assert many == one
     assert [s for s, _ in many] == ["ok", "identical_responses", "empty_chosen"]
 
 
-def test_a_failing_template_marks_only_its_rows(embedded):
-    tokenizer = copy.deepcopy(embedded.tokenizer)
+def test_a_failing_template_marks_only_its_rows(embedded_tokenizer):
+    tokenizer = copy.deepcopy(embedded_tokenizer)
     tokenizer.chat_template = (
         "{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ raise_exception('no BOOM here') }}{% endif %}"
         "{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
@@ -75,17 +74,17 @@ def test_a_failing_template_marks_only_its_rows(embedded):
     assert [s for s, _ in many].count("chat_template_error") == 1 and many[2][0] == "chat_template_error"
 
 
-def test_conversational_input_without_a_template_is_a_data_error_both_ways(embedded):
+def test_conversational_input_without_a_template_is_a_data_error_both_ways(embedded_tokenizer):
     pairs = [normalize_row(row, "explicit_conversational", Columns()) for row in CONVERSATIONAL[:1]] * 2
-    encoder = PairEncoder(embedded.tokenizer, use_chat_template=False)
+    encoder = PairEncoder(embedded_tokenizer, use_chat_template=False)
     with pytest.raises(BadDataError, match="no chat template"):
         encoder.encode_checked(pairs[0], 4096)
     with pytest.raises(BadDataError, match="no chat template"):
         encoder.encode_checked_many(pairs, 4096)
 
 
-def test_trl_layout_lists_match_too(embedded):
+def test_trl_layout_lists_match_too(embedded_tokenizer):
     pairs = hh_pairs(20)
-    encoder = PairEncoder(embedded.tokenizer, layout="trl", input_format="implicit_text")
+    encoder = PairEncoder(embedded_tokenizer, layout="trl", input_format="implicit_text")
     one, many = both_ways(encoder, pairs, 4096)
     assert many == one

@@ -1,5 +1,8 @@
 """Engine exactness on tiny random models: every strategy against a direct per-position loop."""
 
+from ches_filter.errors import BadFlagError
+import pyarrow.parquet as pq
+from ches_filter.scoring import table_metadata
 import pytest
 import torch
 
@@ -7,7 +10,7 @@ from ches_filter.batching import EncodedPair, token_budget_batches
 from ches_filter.ches import ches_from_sums
 from ches_filter.engine import Engine, packed_support
 
-from conftest import tiny_gemma3, tiny_llama
+from conftest import FIVE_PAIRS, error_lines, invoke, pairs_of, tiny_gemma3, tiny_llama, write_jsonl
 
 
 def random_pairs(n, vocab=256, seed=0, prompt=(3, 20), response=(1, 15)):
@@ -245,3 +248,109 @@ def test_packed_and_prefix_are_exact_across_architectures(arch):
         assert engine.strategy == ("packed" if strategy == "auto" else strategy)
         assert rel(states.s_chosen, ref_c) < 1e-5, strategy
         assert rel(states.s_rejected, ref_r) < 1e-5, strategy
+
+
+class MaskBlind(torch.nn.Module):
+    """A decoder whose attention ignores the mask it is given (plain causal attention).
+
+    Stands for the models the self-check exists for: attention code that
+    drops a custom 4D mask. Right-padded plain batches stay exact (a token
+    never attends to later padding); tree-masked rows do not.
+    """
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=False):
+        return self.inner(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=use_cache)
+
+
+class NoCacheArgument(torch.nn.Module):
+    """A decoder whose forward takes no KV-cache argument."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=False):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+
+
+def test_auto_falls_back_to_plain_when_the_self_check_fails(caplog):
+    model = tiny_llama()
+    blind = MaskBlind(model)
+    with caplog.at_level("WARNING", logger="ches_filter"):
+        engine = Engine(blind, "cpu", strategy="auto")
+    assert engine.strategy == "plain"
+    assert "packed strategy disagrees with the plain one" in caplog.text and "scoring with the plain strategy" in caplog.text
+    # Plain on the mask-blind model is still right: it equals plain on the real one.
+    pairs = pairs_of(6, seed=3)
+    got = engine.run(pairs)
+    want = Engine(model, "cpu", strategy="plain").run(pairs)
+    for name in ("s_chosen", "s_rejected", "last_chosen", "last_rejected"):
+        assert torch.allclose(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6), name
+    # ... and the packed rows really would have been wrong: the self-check refused for a reason.
+    assert Engine(model, "cpu", strategy="packed")._self_check_error("packed") < 1e-4
+    assert engine._self_check_error("packed") > 1e-2
+
+
+def test_prefix_is_refused_when_it_disagrees_with_plain():
+    with pytest.raises(BadFlagError, match="prefix strategy disagrees"):
+        Engine(MaskBlind(tiny_llama()), "cpu", strategy="prefix")
+    assert Engine(tiny_llama(), "cpu", strategy="prefix").strategy == "prefix"
+
+
+def test_prefix_is_refused_without_a_cache_argument():
+    with pytest.raises(BadFlagError, match="`--engine prefix`.*no KV cache argument"):
+        Engine(NoCacheArgument(tiny_llama()), "cpu", strategy="prefix")
+    # packed needs no cache, so `auto` still finds it exact.
+    assert Engine(NoCacheArgument(tiny_llama()), "cpu", strategy="auto").strategy == "packed"
+
+
+@pytest.fixture(scope="module")
+def bidirectional_model_dir(tmp_path_factory, embedded_tokenizer):
+    """A tiny Gemma-3 with bidirectional attention (as EmbeddingGemma): packed and prefix cannot be exact."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = embedded_tokenizer
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, sliding_window=8,
+        use_bidirectional_attention=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("bidirectional")
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["score", "prune"])
+@pytest.mark.parametrize("engine", ["packed", "prefix"])
+def test_cli_refuses_an_engine_that_cannot_be_exact_in_one_line(tmp_path, bidirectional_model_dir, command, engine):
+    data = write_jsonl(tmp_path / "d.jsonl", FIVE_PAIRS)
+    out = tmp_path / ("s.parquet" if command == "score" else "kept.jsonl")
+    extra = ["--keep", "0.5"] if command == "prune" else []
+    result = invoke(command, data, "-o", out, "--model", bidirectional_model_dir, "--engine", engine, "-q", *extra)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not a traceback
+    errors = error_lines(result)
+    assert len(errors) == 1 and f"`--engine {engine}`" in errors[0] and "bidirectional" in errors[0], result.output
+    assert "`--engine auto`" in errors[0] or "`--engine plain`" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # nothing written, no work dir left
+
+
+def test_cli_auto_scores_such_a_model_with_plain_and_says_so(tmp_path, bidirectional_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", FIVE_PAIRS)
+    auto, plain = tmp_path / "auto.parquet", tmp_path / "plain.parquet"
+    result = invoke("score", data, "-o", auto, "--model", bidirectional_model_dir, "-q")
+    assert result.exit_code == 0, result.output
+    assert "plain strategy" in result.output and "bidirectional" in result.output
+    assert invoke("score", data, "-o", plain, "--model", bidirectional_model_dir, "--engine", "plain", "-q").exit_code == 0
+    a, p = pq.read_table(auto), pq.read_table(plain)
+    assert table_metadata(a)["engine"] == "plain"
+    assert a.column("ches").to_pylist() == p.column("ches").to_pylist()

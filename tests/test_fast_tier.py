@@ -1,32 +1,13 @@
-"""The fast tier (`pytest -m "not slow"`): its guard, and the CLI end to end on a tiny random model.
-
-The guard in ``conftest.py`` fails an unmarked test that loads a real model or
-starts a subprocess when slow tests are deselected; it is checked here by
-running a small inner pytest session in this process (``pytester``). The rest
-covers, with a 2-layer random Llama and the embedded model's tokenizer, what
-the slow tests check on the real model: ``score`` -> ``prune`` -> ``report``
-through the CLI, hostile rows, and list-wise encoding.
-"""
+"""The fast tier (`pytest -m "not slow"`): its guard refuses unmarked tests that load a real model or start a subprocess."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import tempfile
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from ches_filter.cli import main
-from ches_filter.formats import Columns, normalize_row
 
-from conftest import fast_tier, read_hh
-from test_hostile import DAMAGE, ROWS, check_outcome, encode, run_score
+from conftest import fast_tier
 
 pytest_plugins = ("pytester",)
 
@@ -124,73 +105,10 @@ def tiny_model_dir():
 # --------------------------------------------------------------------------
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
-@pytest.fixture(scope="module")
-def hh_file(tmp_path_factory):
-    rows = [dict(r, extra=i) for i, r in enumerate(read_hh(24))]
-    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected": "\n\nHuman: hi\n\nAssistant: same", "extra": 24})
-    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant:", "rejected": "\n\nHuman: hi\n\nAssistant: hello", "extra": 25})
-    path = tmp_path_factory.mktemp("data") / "hh.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path, rows
 
 
-def test_score_prune_report_end_to_end(tmp_path, hh_file, tiny_model_dir):
-    import datasets
-
-    data, rows = hh_file
-    model = ["--model", tiny_model_dir, "-q"]
-    scores = tmp_path / "scores.parquet"
-    result = invoke("score", data, "-o", scores, *model, "--checkpoint-every", 7)
-    assert result.exit_code == 0, result.output
-    table = pq.read_table(scores)
-    n = len(rows)
-    assert table.column("row_index").to_pylist() == list(range(n))
-    status = table.column("status").to_pylist()
-    expected_status = [normalize_row(r, "implicit_text", Columns()).status for r in rows]
-    assert status[-2:] == ["identical_responses", "empty_chosen"]
-    assert all(got == want for got, want in zip(status, expected_status) if want != "ok")
-    ln = table.column("ln_ches").to_pylist()
-    ok = [i for i in range(n) if status[i] == "ok"]
-    assert len(ok) >= 20 and all(math.isfinite(ln[i]) for i in ok)
-    assert f"scored {len(ok)} of {n} rows" in result.output
-
-    # prune with the score file: the lowest-LN-CHES 90% of the ok rows, in input order, untouched.
-    pruned, rejects = tmp_path / "pruned.parquet", tmp_path / "rejects.jsonl"
-    result = invoke("prune", data, "--keep", 0.9, "--scores", scores, "-o", pruned, "--rejects", rejects, *model)
-    assert result.exit_code == 0, result.output
-    n_keep = math.floor(0.9 * len(ok) + 0.5)
-    lowest = sorted(sorted(ok, key=lambda i: (ln[i], i))[:n_keep])
-    kept = datasets.load_dataset("parquet", data_files=str(pruned), split="train")
-    assert kept["extra"] == lowest
-    assert kept["chosen"] == [rows[i]["chosen"] for i in lowest]
-    dropped = [json.loads(line) for line in rejects.read_text(encoding="utf-8").splitlines()]
-    assert sorted(r["extra"] for r in dropped) == sorted(set(range(n)) - set(lowest))
-    reasons = {r["extra"]: r["ches_filter_reason"] for r in dropped}
-    assert reasons[24] == "identical_responses" and reasons[25] == "empty_chosen"
-    threshold = max(ln[i] for i in lowest)
-    assert f"kept:     {n_keep}" in result.output and f"threshold: ln_ches <= {threshold:.6g}" in result.output
-
-    # prune that scores by itself keeps the same rows.
-    again = tmp_path / "again.jsonl"
-    result = invoke("prune", data, "--keep", 0.9, "-o", again, *model)
-    assert result.exit_code == 0, result.output
-    assert [json.loads(line)["extra"] for line in again.read_text(encoding="utf-8").splitlines()] == lowest
-
-    # report: the same threshold for --keep 0.9, and the extremes are the extreme rows.
-    report = tmp_path / "report"
-    result = invoke("report", scores, "-o", report, "--data", data, "--keep", 0.9, "--top", 3)
-    assert result.exit_code == 0, result.output
-    summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
-    assert summary["rows"] == n and summary["scored"] == len(ok)
-    assert summary["thresholds"]["ln_ches"]["0.9"]["threshold"] == threshold
-    assert summary["thresholds"]["ln_ches"]["0.9"]["kept"] == n_keep
-    ranked = sorted(ok, key=lambda i: (ln[i], i))
-    assert summary["lowest"] == ranked[:3] and summary["highest"] == ranked[::-1][:3]
-    assert {p.name for p in report.iterdir()} == {"summary.json", "histogram.png", "length.png", "report.html"}
 
 
 # --------------------------------------------------------------------------
@@ -198,18 +116,6 @@ def test_score_prune_report_end_to_end(tmp_path, hh_file, tiny_model_dir):
 # --------------------------------------------------------------------------
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(data=st.data())
-def test_a_few_hostile_files_never_crash_and_never_lose_a_row(tiny_model_dir, data):
-    rows, damage = data.draw(ROWS), data.draw(DAMAGE)
-    payload = encode(rows, damage, lambda n: data.draw(st.integers(0, max(0, n - 1))))
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "hostile.jsonl")
-        with open(path, "wb") as handle:
-            handle.write(payload)
-        out = os.path.join(tmp, "scores.parquet")
-        expected = sum(1 for line in payload.split(b"\n") if line.strip())
-        check_outcome(run_score(path, out, tiny_model_dir), path, out, expected)
 
 
 # --------------------------------------------------------------------------
@@ -217,13 +123,3 @@ def test_a_few_hostile_files_never_crash_and_never_lose_a_row(tiny_model_dir, da
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chat", [True, False], ids=["chat-template", "text"])
-def test_hh_rows_encode_the_same_as_lists(embedded_tokenizer, chat):
-    from ches_filter.batching import PairEncoder
-
-    pairs = [normalize_row(row, "implicit_text", Columns()) for row in read_hh(60)]
-    encoder = PairEncoder(embedded_tokenizer, use_chat_template=chat)
-    one = [encoder.encode_checked(p, 300) for p in pairs]
-    encoder.encode_checked = None  # the list path must not fall back to pair by pair
-    assert encoder.encode_checked_many(pairs, 300) == one
-    assert {"ok", "too_long"} <= {status for status, _ in one}

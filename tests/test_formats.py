@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ches_filter.config import ScoreConfig
+import os
 import collections
 import gzip
 import json
@@ -23,6 +25,8 @@ from ches_filter.formats import (
     split_hh_transcript,
     validate_layout,
 )
+
+from conftest import EXAMPLE_HH, example_rows, invoke, one_error_line
 
 COLS = Columns()
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -532,3 +536,52 @@ def test_real_hh_file():
             assert pair.prompt_text + pair.chosen_text == row["chosen"]
             assert pair.prompt_text + pair.rejected_text == row["rejected"]
             assert pair.prompt_text.endswith("\n\nAssistant:")
+
+
+def test_own_columns_are_read_from_the_schema_and_the_registry(tiny_model_dir):
+    from ches_filter.measures import MEASURES
+    from ches_filter.api import score_pairs
+    from ches_filter.scoring import TAIL_COLUMNS
+
+    own = _own_columns()
+    assert set(MEASURES.names()) <= set(own) and set(TAIL_COLUMNS) <= set(own)
+    rows = example_rows(2)
+    for i, row in enumerate(rows):
+        row["pair_id"] = f"p{i}"
+    config = ScoreConfig(model=os.fspath(tiny_model_dir), measures=",".join(MEASURES.names()), id_column="pair_id",
+                         on_special_tokens="flag", quiet=True)
+    table = score_pairs(rows, config)
+    # Every column a score file can hold is reserved, and nothing else is.
+    assert set(table.column_names) - {"pair_id"} == set(own)
+
+
+@pytest.mark.parametrize("name", ["status", "ches", "ln_ches", "row_index", "prompt_tokens", "special_tokens",
+                                  "edit_distance", "last_hidden_ip"])
+def test_id_column_named_like_a_score_column_is_refused_up_front(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    assert name in _own_columns()
+    with pytest.raises(BadFlagError, match="--id-column"):
+        ScoreConfig(id_column=name)
+    for args in (["score", EXAMPLE_HH, "-o", "out.parquet"], ["prune", EXAMPLE_HH, "--keep", "0.5", "-o", "out.jsonl"],
+                 ["validate", EXAMPLE_HH, "-o", "out"], ["displacement", EXAMPLE_HH, "-o", "out.parquet"]):
+        result = invoke(*args, "--id-column", name)
+        assert result.exit_code == 2, result.output
+        assert f"'{name}'" in one_error_line(result) and "rename" in one_error_line(result)
+        assert os.listdir(".") == []
+
+
+def test_id_column_named_like_a_displacement_column_is_refused(tmp_path):
+    from ches_filter.config import DisplacementConfig
+    from ches_filter.displacement import measure_displacement
+
+    rows = [dict(row, grad_inner=i) for i, row in enumerate(example_rows(2))]
+    with pytest.raises(BadFlagError, match="grad_inner"):
+        measure_displacement(rows, DisplacementConfig(sample=2), ScoreConfig(id_column="grad_inner"))
+    with pytest.raises(BadFlagError, match="dlogp_yes"):
+        measure_displacement(rows, DisplacementConfig(sample=2), ScoreConfig(id_column="dlogp_yes"), watch={"yes": " Yes"})
+
+
+def _own_columns() -> tuple[str, ...]:
+    from ches_filter.scoring import own_columns
+
+    return own_columns()

@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from ches_filter.config import ScoreConfig
 from ches_filter.errors import BadFlagError
-from ches_filter.measures import last_hidden_ip, levenshtein, normalized_edit_distance
+from ches_filter.measures import (
+    MEASURES, MeasureInput, compute_measures, last_hidden_ip, levenshtein, normalized_edit_distance, risk_key,
+)
 from ches_filter.api import score_pairs
 from ches_filter.scoring import table_metadata
 
@@ -135,3 +137,26 @@ def test_cli_score_with_measures_and_layout(tmp_path, tiny_model_dir):
     assert meta["token_layout"] == "trl"
     bad = CliRunner().invoke(main, ["score", str(source), "-o", str(tmp_path / "b.parquet"), "--measures", "cosine"])
     assert bad.exit_code == 2 and "--measures" in bad.output
+
+
+def test_risk_direction():
+    assert risk_key("ches", 2.0) > risk_key("ches", 1.0)
+    assert risk_key("edit_distance", 0.1) > risk_key("edit_distance", 0.9)  # more similar = riskier
+    assert [m for m in MEASURES.names() if not MEASURES.get(m).higher_is_riskier] == ["edit_distance"]
+
+
+def test_every_measure_computes_from_states():
+    import torch
+
+    class States:
+        s_chosen = torch.tensor([[1.0, 2.0], [0.5, 0.0]])
+        s_rejected = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
+        last_chosen = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        last_rejected = torch.tensor([[2.0, 0.0], [1.0, -1.0]])
+
+    x = MeasureInput(chosen=[(1, 2), (3,)], rejected=[(1, 2), (4, 5)], states=States())
+    out = compute_measures(MEASURES.names(), x)
+    assert out["ches"] == [0.0, -0.25]  # <S+, S- - S+>
+    assert out["ln_ches"] == pytest.approx([0.0, 0.5 * (0.0 - 0.5)])  # m+ = (.5, 0), m- = (0, .5)
+    assert out["last_hidden_ip"] == [2.0, 0.0]
+    assert out["edit_distance"] == [0.0, 1.0]

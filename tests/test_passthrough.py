@@ -21,11 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ches_filter import records, sources
 from ches_filter.config import ScoreConfig
 from ches_filter.formats import normalize_row
 from ches_filter.inputs import load_records
 
-from test_hardening_io import invoke, make_scores, snapshot
+
+from conftest import PAIRS, invoke, make_scores, snapshot, write_jsonl
 
 NA_LIKE = ["NA", "N/A", "#N/A", "None", "null", "NaN", "nan", "-nan", "NULL", "n/a", "TRUE", "False", "007", "3e5",
            "1.0", "-0", "0x1F", "  7  "]
@@ -398,3 +400,181 @@ def test_gzipped_jsonl_same_kind_writes_the_decompressed_lines(tmp_path):
     assert result.exit_code == 0, result.output
     kept = (tmp_path / "kept.jsonl").read_bytes().splitlines(keepends=True)
     assert kept == lines[: len(kept)] and kept
+
+
+ODD_VALUES = [
+    {"f": 0.12345678901234567, "i": 1, "n": [1, 2], "u": "é ✓ 日本 \u2028 \"q\" \\", "m": None},
+    {"f": 3.141592653589793, "i": 2**63 - 1, "n": [], "u": "\U0001f600", "m": 2.5},
+    {"f": 1e-320, "i": -(2**63), "n": [3], "u": "", "m": None},
+    {"f": -0.0, "i": 0, "n": [-7, 2**53 + 1], "u": "tab\tnl\n", "m": 1e300},
+    {"f": 5e-324, "i": 12345678901234567, "n": [0], "u": "x", "m": -1.5},
+    {"f": 1.7976931348623157e308, "i": -1, "n": [9], "u": "y", "m": None},
+]
+
+
+def _odd_rows():
+    rows = []
+    for k, extra in enumerate(ODD_VALUES):
+        rows.append({
+            "prompt": f"p{k}", "chosen": f"c{k}", "rejected": f"r{k}", **extra,
+            "nested": {"a": [extra["f"]], "k": k, "b": {"c": [[0.5 * k, 0.1], [0.2]], "d": [[k]]}, "t": "ü"},
+            "flag": k % 2 == 0,
+        })
+    return rows
+
+
+def _same(a, b):
+    """Equal in value and JSON type, recursively (1 != 1.0, -0.0 != 0.0, True != 1)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a == b and math.copysign(1.0, a) == math.copysign(1.0, b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
+
+
+@pytest.mark.parametrize("add_scores", [False, True])
+def test_jsonl_output_round_trips_every_value(tmp_path, monkeypatch, add_scores):
+    monkeypatch.chdir(tmp_path)
+    rows = _odd_rows()
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    make_scores(tmp_path / "in.jsonl", tmp_path / "s.parquet")
+    flags = ["--add-scores"] if add_scores else []
+    result = invoke("prune", "in.jsonl", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.jsonl",
+                    "--rejects", "rej.jsonl", *flags)
+    assert result.exit_code == 0, result.output
+    scores = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    kept, rejected = _read_jsonl(tmp_path / "out.jsonl"), _read_jsonl(tmp_path / "rej.jsonl")
+    assert len(kept) == 3 and len(rejected) == 3
+    for got, want, score in zip(kept + rejected, rows, scores):
+        original = {k: got[k] for k in want}
+        assert _same(original, want), (original, want)
+        extra = {k: v for k, v in got.items() if k not in want}
+        expected = {} if (got in kept and not add_scores) else {k: score[k] for k in ("ches", "ln_ches", "status")}
+        if got in rejected:
+            expected = {"ches_filter_reason": "high_score", **expected}
+        assert _same(extra, expected), (extra, expected)
+
+
+def test_parquet_input_to_jsonl_keeps_types_and_scores_exact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    table = pa.table({
+        "prompt": [f"p{i}" for i in range(4)], "chosen": [f"c{i}" for i in range(4)],
+        "rejected": [f"r{i}" for i in range(4)],
+        "i32": pa.array([1, None, -3, 2**31 - 1], pa.int32()),  # pandas would turn the null column into floats
+        "u64": pa.array([2**63 - 1, 0, 1, None], pa.uint64()),
+        "f32": pa.array([0.1, 1.5, None, -0.0], pa.float32()),
+        "lst": pa.array([[1.25, None], None, [], [1e-320]], pa.list_(pa.float64())),
+    })
+    pq.write_table(table, tmp_path / "in.parquet")
+    make_scores(tmp_path / "in.parquet", tmp_path / "s.parquet")
+    result = invoke("prune", "in.parquet", "--keep", "1", "--scores", "s.parquet", "-o", "out.jsonl", "--add-scores")
+    assert result.exit_code == 0, result.output
+    got = _read_jsonl(tmp_path / "out.jsonl")
+    want = table.to_pylist()
+    scores = pq.read_table(tmp_path / "s.parquet").to_pylist()
+    for g, w, s in zip(got, want, scores):
+        assert _same(g, {**w, "ches": s["ches"], "ln_ches": s["ln_ches"], "status": s["status"]}), (g, w)
+
+
+def test_parquet_uint64_beyond_int64_is_refused_for_jsonl_and_kept_in_parquet(tmp_path, monkeypatch):
+    """JSON readers (``load_dataset("json")``, pandas) read 18446744073709551615 back as a float: refused."""
+    monkeypatch.chdir(tmp_path)
+    table = pa.table({"prompt": ["p0", "p1"], "chosen": ["c0", "c1"], "rejected": ["r0", "r1"],
+                      "u64": pa.array([1, 2**64 - 1], pa.uint64())})
+    pq.write_table(table, tmp_path / "in.parquet")
+    make_scores(tmp_path / "in.parquet", tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    result = invoke("prune", "in.parquet", "--keep", "1", "--scores", "s.parquet", "-o", "out.jsonl")
+    assert result.exit_code == 1 and "column `u64`, row 2" in result.output and "`.parquet`" in result.output
+    assert len(result.output.strip().splitlines()[-1]) > 0 and "Traceback" not in result.output
+    assert snapshot(tmp_path) == before
+    assert invoke("prune", "in.parquet", "--keep", "1", "--scores", "s.parquet", "-o", "out.parquet").exit_code == 0
+    assert pq.read_table(tmp_path / "out.parquet").equals(table)
+
+
+@pytest.mark.parametrize("value, why", [
+    (float("nan"), "value"), (float("-inf"), "value"), (b"\x00\x01", "type"),
+    (datetime.datetime(2020, 1, 2), "type"),
+])
+def test_values_json_cannot_hold_are_refused_and_nothing_written(tmp_path, monkeypatch, value, why):
+    monkeypatch.chdir(tmp_path)
+    filler = datetime.datetime(2000, 1, 1) if isinstance(value, datetime.datetime) else type(value)()
+    rows = [dict(p, odd=value if i == 4 else filler) for i, p in enumerate(PAIRS)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    make_scores(tmp_path / "in.parquet", tmp_path / "s.parquet")
+    before = snapshot(tmp_path)
+    # Row 4 is rejected (scores rank rows in order): the kept file alone would be fine, yet nothing is written.
+    result = invoke("prune", "in.parquet", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.jsonl",
+                    "--rejects", "rej.jsonl")
+    assert result.exit_code == 1 and "column `odd`" in result.output, result.output
+    # binary/timestamp are refused by column type (the kept file has it too), NaN/inf by the rejected row's value
+    assert ("`--output`" if why == "type" else "`--rejects` rej.jsonl") in result.output
+    assert "Traceback" not in result.output
+    assert snapshot(tmp_path) == before
+    # Parquet holds them: the same prune with parquet outputs succeeds.
+    assert invoke("prune", "in.parquet", "--keep", "0.5", "--scores", "s.parquet", "-o", "out.parquet",
+                  "--rejects", "rej.parquet").exit_code == 0
+
+
+@pytest.mark.parametrize("lines, column", [
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "big": 12345678901234567890}'], "big"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "big": 1}', '{"prompt": "p", "chosen": "a", "rejected": "b", "big": -9223372036854775809}'],
+     "big"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "deep": {"x": [1, 18446744073709551616]}}'], "deep"),
+    (['{"prompt": "p", "chosen": "a", "rejected": "b", "mix": 12345678901234567}', '{"prompt": "p", "chosen": "a", "rejected": "b", "mix": 0.5}'],
+     "mix"),
+])
+def test_numbers_a_typed_reader_would_change_pass_to_jsonl_and_are_refused_for_parquet(tmp_path, lines, column):
+    """Other columns are opaque: JSONL to JSONL keeps the lines; a typed output refuses the value in one line."""
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.jsonl").read_bytes() == path.read_bytes()
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", tmp_path / "s.parquet",
+                    "-o", tmp_path / "out.parquet")
+    assert result.exit_code == 1 and f"column `{column}`" in result.output, result.output
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_objects_whose_keys_differ_between_rows_pass_through(tmp_path):
+    rows = [dict(PAIRS[0], o={"x": 1}), dict(PAIRS[1], o={"y": [2.5, {"z": None}], "w": "ü"}), dict(PAIRS[2], o=None)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = invoke("prune", path, "--keep", "1", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.jsonl").read_bytes() == path.read_bytes()
+
+
+def test_json_array_input_refuses_big_integers_for_jsonl(tmp_path):
+    path = tmp_path / "in.json"
+    path.write_text('[{"prompt": "p", "chosen": "a", "rejected": "b", "n": 1},\n {"prompt": "p", "chosen": "a", "rejected": "b", "n": 99999999999999999999}]')
+    result = invoke("prune", path, "--keep", "1", "--keep-unscored", "--scores", make_scores(path, tmp_path / "s.parquet"),
+                    "-o", tmp_path / "out.jsonl")
+    assert result.exit_code == 1 and "column `n`, row 2" in result.output, result.output
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_column_mixing_integers_and_fractions_comes_back_as_the_same_numbers(tmp_path):
+    """Documented: Arrow stores such a column as floats, so 1 is written back as 1.0 (the same number)."""
+    rows = [dict(PAIRS[0], n=1), dict(PAIRS[1], n=2.5), dict(PAIRS[2], n=2**53)]
+    ds = sources.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    records.write_dataset(ds, str(tmp_path / "out.jsonl"))
+    got = [r["n"] for r in _read_jsonl(tmp_path / "out.jsonl")]
+    assert got == [1.0, 2.5, float(2**53)] and all(isinstance(v, float) for v in got)
+
+
+def test_large_integers_in_an_integer_column_stay_exact(tmp_path):
+    rows = [dict(PAIRS[0], n=2**63 - 1), dict(PAIRS[1], n=2**53 + 1)]
+    ds = sources.read_dataset(str(write_jsonl(tmp_path / "in.jsonl", rows)))
+    records.write_dataset(ds, str(tmp_path / "out.jsonl"))
+    assert all(_same(a, b) for a, b in zip(_read_jsonl(tmp_path / "out.jsonl"), rows))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import base64
 import json
 import math
@@ -9,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,7 @@ from ches_filter.errors import BadDataError, BadFlagError, ChesFilterError
 from ches_filter.report import build_report, summarize, terminal_summary
 from ches_filter.stats import describe, rank_correlation
 
-from conftest import REPO, read_hh
+from conftest import FIVE_PAIRS, GOLDEN, REPO, cli_choices, error_lines, invoke, read_hh, write_jsonl
 
 pytest.importorskip("matplotlib")
 
@@ -79,9 +82,6 @@ def score_table(data, measure_fn=None):
     return table.replace_schema_metadata({b"ches_filter": json.dumps(meta).encode()})
 
 
-def write_jsonl(path: Path, data) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in data), encoding="utf-8")
-    return path
 
 
 def write_scores(path: Path, table) -> Path:
@@ -302,3 +302,67 @@ def test_report_on_real_scores(tmp_path, embedded):
 
     top = normalize_row(data[summary["highest"][0]], "implicit_text", Columns())
     assert html.escape(top.chosen.strip()[:60], quote=True) in page
+
+
+def test_report_on_scores_without_ches_says_what_is_missing_or_reports_what_is_there(tmp_path, scored_without_ches):
+    pytest.importorskip("matplotlib")
+    data, scores = scored_without_ches
+    present = ["last_hidden_ip", "edit_distance"]
+    result = invoke("report", scores, "-o", tmp_path / "r", "-q")
+    if result.exit_code != 0:
+        assert result.exit_code == 1, result.output
+        errors = error_lines(result)
+        assert len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert "ln_ches" in errors[0] and all(m in errors[0] for m in present)
+        assert not (tmp_path / "r").exists()
+        # Whatever fix the message suggests must be one the CLI accepts.
+        suggested = re.findall(r"`--by (\w+)`", errors[0].split(";", 1)[-1])
+        assert all(by in cli_choices("report", "by") for by in suggested), errors[0]
+    for by in [m for m in cli_choices("report", "by") if m in present]:
+        out = tmp_path / f"r-{by}"
+        result = invoke("report", scores, "-o", out, "--by", by, "--data", data, "-q")
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["by"] == by and set(summary["measures"]) == set(present)
+
+
+def test_report_on_scores_with_ches_only_reports_ches(tmp_path, tiny_model_dir):
+    """A file with `ches` but not `ln_ches`: the default `--by ln_ches` points at `--by ches`, which works."""
+    pytest.importorskip("matplotlib")
+    data = write_jsonl(tmp_path / "d.jsonl", FIVE_PAIRS)
+    scores = tmp_path / "s.parquet"
+    assert invoke("score", data, "-o", scores, "--model", tiny_model_dir, "--measures", "ches,edit_distance", "-q").exit_code == 0
+    result = invoke("report", scores, "-o", tmp_path / "r", "-q")
+    assert result.exit_code == 1, result.output
+    (error,) = error_lines(result)
+    assert "ln_ches" in error and "`--by ches`" in error
+    result = invoke("report", scores, "-o", tmp_path / "r", "--by", "ches", "--keep", 0.5, "-q")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    # Every measure gets prune thresholds, each in its risk direction (lower edit distance = riskier).
+    assert set(summary["measures"]) == {"ches", "edit_distance"} and set(summary["thresholds"]) == {"ches", "edit_distance"}
+    table = pq.read_table(scores)
+    ok = [s == "ok" for s in table.column("status").to_pylist()]
+    ches = [v for v, o in zip(table.column("ches").to_pylist(), ok) if o]
+    n_keep = math.floor(0.5 * len(ches) + 0.5)
+    assert summary["thresholds"]["ches"]["0.5"]["threshold"] == sorted(ches)[n_keep - 1]
+    edit = [v for v, o in zip(table.column("edit_distance").to_pylist(), ok) if o]
+    assert summary["thresholds"]["edit_distance"]["0.5"]["threshold"] == sorted(edit, reverse=True)[n_keep - 1]
+
+
+def test_report_without_scored_rows_says_so_without_a_warning(tmp_path):
+    pytest.importorskip("matplotlib")
+    table = pq.read_table(GOLDEN)
+    n = table.num_rows
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(["too_long"] * n))
+    for name in ("ches", "ln_ches", "last_hidden_ip", "edit_distance"):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.nulls(n, pa.float64()))
+    pq.write_table(table, tmp_path / "none.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = invoke("report", tmp_path / "none.parquet", "-o", tmp_path / "rep", "-q")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0] == f"rows: {n}, no scored rows (not scored: too_long {n})"
+    assert len(lines) == 2 and lines[1].startswith("report -> ")
+    assert "Warning" not in result.output

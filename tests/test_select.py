@@ -1,11 +1,14 @@
 """Prune selection: rounding, ties, statuses, determinism."""
 
+import pyarrow.parquet as pq
 import pyarrow as pa
 import pytest
 
 from ches_filter.config import PruneConfig
 from ches_filter.errors import BadDataError, BadFlagError
 from ches_filter.select import select_rows
+
+from conftest import FIVE_PAIRS, cli_choices, error_lines, invoke, write_jsonl
 
 
 def table(scores, statuses=None):
@@ -107,3 +110,45 @@ def test_score_table_must_be_complete():
         select_rows(t, PruneConfig(keep=0.5))
     with pytest.raises(BadDataError, match="columns"):
         select_rows(t.drop(["ln_ches"]), PruneConfig(keep=0.5))
+
+
+
+
+@pytest.mark.parametrize("by", ["ln_ches", "ches"])
+def test_prune_on_scores_without_the_measure_is_one_clear_error(tmp_path, scored_without_ches, by):
+    data, scores = scored_without_ches
+    out = tmp_path / "kept.jsonl"
+    result = invoke("prune", data, "--scores", scores, "--keep", 0.5, "--by", by, "-o", out, "-q")
+    assert result.exit_code == 1, result.output
+    errors = error_lines(result)
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert f"--by {by}" in errors[0] and "last_hidden_ip" in errors[0] and "edit_distance" in errors[0]
+    assert "--measures" in errors[0]  # how to fix: rescore with the measure
+    assert not out.exists()
+
+
+def test_prune_refuses_to_rank_by_a_measure_it_is_told_not_to_compute(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", FIVE_PAIRS)
+    result = invoke("prune", data, "--keep", 0.5, "--measures", "last_hidden_ip,edit_distance", "--model", tiny_model_dir,
+                    "-o", tmp_path / "kept.jsonl", "-q")
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result)
+    assert len(errors) == 1 and "--by ln_ches" in errors[0] and "--measures" in errors[0], result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_select_rows_names_the_measures_a_table_has():
+    table = pa.table({"row_index": [0, 1], "last_hidden_ip": [1.0, 2.0], "edit_distance": [0.5, 0.1], "status": ["ok", "ok"]})
+    with pytest.raises(BadDataError, match=r"--by ln_ches.*last_hidden_ip, edit_distance"):
+        select_rows(table, PruneConfig(keep=0.5))
+
+
+def test_prune_by_each_measure_the_cli_offers_and_the_file_has(tmp_path, scored_without_ches):
+    """Whatever `prune --by` accepts and the file holds ranks the rows (none today; all four after issue 11)."""
+    data, scores = scored_without_ches
+    table = pq.read_table(scores)
+    for by in [m for m in cli_choices("prune", "by") if m in table.column_names]:
+        out = tmp_path / f"kept-{by}.jsonl"
+        result = invoke("prune", data, "--scores", scores, "--keep", 1.0, "--by", by, "-o", out, "-q")
+        assert result.exit_code == 0, result.output
+        assert len(out.read_text().splitlines()) == table.column("status").to_pylist().count("ok")

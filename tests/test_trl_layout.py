@@ -83,10 +83,9 @@ def ours(rows, tokenizer):
     return layout, out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["explicit_text", "implicit_text", "explicit_conversational", "implicit_conversational"])
-def test_trl_layout_matches_trl(name, embedded):
-    tokenizer = embedded.tokenizer
+def test_trl_layout_matches_trl(name, embedded_tokenizer):
+    tokenizer = embedded_tokenizer
     rows = {
         "explicit_text": TEXT_ROWS,
         "implicit_text": [r for r in read_hh(40) if r["chosen"].strip() and r["rejected"].strip()],
@@ -103,9 +102,8 @@ def test_trl_layout_matches_trl(name, embedded):
         assert a == b, (i, tokenizer.decode(a["chosen_ids"]), tokenizer.decode(b["chosen_ids"]))
 
 
-@pytest.mark.slow
-def test_trl_layout_conversational_has_no_extra_eos(embedded):
-    tokenizer = embedded.tokenizer
+def test_trl_layout_conversational_has_no_extra_eos(embedded_tokenizer):
+    tokenizer = embedded_tokenizer
     paper_enc = PairEncoder(tokenizer)
     layout, (enc,) = ours(CONVERSATIONAL_ROWS[:1], tokenizer)
     text = tokenizer.decode(enc["chosen_ids"])
@@ -115,9 +113,8 @@ def test_trl_layout_conversational_has_no_extra_eos(embedded):
     assert paper.chosen[-1] == tokenizer.eos_token_id and list(paper.prompt) == enc["prompt_ids"]
 
 
-@pytest.mark.slow
-def test_trl_layout_text_appends_eos_once(embedded):
-    tokenizer = embedded.tokenizer
+def test_trl_layout_text_appends_eos_once(embedded_tokenizer):
+    tokenizer = embedded_tokenizer
     _, encoded = ours(TEXT_ROWS, tokenizer)
     for enc in encoded:
         assert enc["chosen_ids"][-1] == tokenizer.eos_token_id

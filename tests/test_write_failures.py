@@ -9,18 +9,14 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
-from ches_filter.cli import main
 
-from conftest import read_hh
+from conftest import invoke, read_hh
 
 # mount and chattr run as subprocesses (root only; skipped elsewhere).
 pytestmark = pytest.mark.slow
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def temporaries(root) -> list[str]:

@@ -1,12 +1,9 @@
-"""Issue 17: what a GPU run would show first, checked on this CPU.
-
-Dropout in every pass, the LM head's memory, the out-of-memory back-off of
-validate and displacement, the fp16 and FlashAttention-2 policies, loading
-straight to the device and the memory ceiling of validate.
-"""
+"""Memory: the LM head in chunks and its stated bound, gradient checkpointing, out-of-memory back-off in every pass, the fit ceiling, weights loaded straight to the device."""
 
 from __future__ import annotations
 
+from ches_filter.engine import Engine
+import collections
 import json
 from pathlib import Path
 
@@ -15,21 +12,11 @@ import torch
 
 from ches_filter.config import ScoreConfig, ValidateConfig
 
-from conftest import EXAMPLE_HH, read_hh
+from conftest import EXAMPLE_HH, one_error_line, pairs_of, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "hh300_scores.parquet"
 
 
-def tiny_gpt2(vocab: int, dropout: float = 0.1, seed: int = 0):
-    """A 2-layer random GPT-2 with dropout everywhere (embeddings, attention, residuals)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=4096, resid_pdrop=dropout,
-                        embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
-    lm = GPT2LMHeadModel(config)
-    lm.config._attn_implementation = "sdpa"
-    return lm
 
 
 def _dropout_rates(lm) -> list[float]:
@@ -85,15 +72,6 @@ def test_validate_with_gradient_checkpointing_gives_the_same_dlogp_on_a_model_wi
     assert plain.column("logp_chosen_before").to_pylist() == checkpointed.column("logp_chosen_before").to_pylist()
 
 
-# ------------------------------------------------------------------ 2. the LM head's memory
-def tiny_causal_llama(dtype=torch.float32, vocab=96, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )).to(dtype).eval()
 
 
 def random_pairs(n, seed=1, vocab=96):
@@ -256,93 +234,16 @@ def test_displacement_absorbs_out_of_memory_in_first_order_and_real_steps(embedd
     assert set(_dropout_rates(lm)) == {0.1}
 
 
-# ------------------------------------------------------------------ 3. fp16 policy
-@pytest.mark.parametrize("dtype, device, bf16, autocast, noted", [
-    ("auto", "cuda", True, torch.bfloat16, False),
-    ("auto", "cuda", False, None, True),  # V100/T4: float32 training, said once
-    ("float16", "cuda", True, None, True),
-    ("bfloat16", "cuda", True, torch.bfloat16, False),
-    ("float32", "cuda", True, None, False),
-    ("auto", "cpu", False, None, False),
-    ("bfloat16", "cpu", False, torch.bfloat16, False),
-])
-def test_validate_never_trains_under_float16_autocast(monkeypatch, dtype, device, bf16, autocast, noted):
-    from ches_filter.model import training_autocast
-
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    got, note = training_autocast(dtype, torch.device(device))
-    assert got == autocast and (note is not None) == noted
-    if noted:
-        assert "float32" in note and "underflow" in note
 
 
-def test_the_trainer_takes_the_policy(monkeypatch, caplog):
-    """On a card without bfloat16, `--dtype auto` trains with no autocast (float32), with one warning."""
-    from ches_filter import model as model_mod
-    from ches_filter.model import LoadedModel
-    from ches_filter.validate import _Trainer
-
-    monkeypatch.setattr(model_mod, "resolve_dtype", lambda dtype, device: torch.float16)
-    lm = tiny_causal_llama()
-    loaded = LoadedModel(decoder=lm, tokenizer=_Tok(), device=torch.device("cpu"), dtype=torch.float32, info={})
-    config = ValidateConfig(by="ches", subsets="top", subset_size=1, eval_size=0, batch_size=1)
-    with caplog.at_level("WARNING", logger="ches_filter"):
-        trainer = _Trainer(loaded, config, ScoreConfig(dtype="auto"))
-    assert trainer.autocast is None and "validate trains in float32 here" in caplog.text
-    trainer.state.restore()
 
 
-class _Tok:
-    pad_token_id = 0
-    eos_token_id = 2
 
 
-# ------------------------------------------------------------------ 5. FlashAttention-2 policy
-@pytest.mark.parametrize("device, weights, autocast, refused", [
-    ("cuda", torch.bfloat16, None, None),
-    ("cuda", torch.float16, None, None),
-    ("cuda", torch.float32, torch.bfloat16, None),  # validate's master weights under autocast
-    ("cuda", torch.float32, None, "computes in float32"),
-    ("cuda:1", torch.float32, None, "computes in float32"),
-    ("cpu", torch.bfloat16, None, "runs on CUDA only"),
-    ("mps", torch.float16, None, "runs on CUDA only"),
-])
-def test_flash_attention_policy(device, weights, autocast, refused):
-    from ches_filter.model import flash_attention_problem
-
-    assert flash_attention_problem("sdpa", device, torch.float32) is None
-    got = flash_attention_problem("flash_attention_2", device, weights, autocast)
-    if refused is None:
-        assert got is None
-    else:
-        assert refused in got and "\n" not in got and "`sdpa`" in got
 
 
-def _one_error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
-def test_flash_attention_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir):
-    from click.testing import CliRunner
-
-    from ches_filter.cli import main
-
-    data = str(EXAMPLE_HH)
-    runs = {
-        "score": ["score", data, "-o", str(tmp_path / "s.parquet"), "--model", str(tiny_model_dir), "--device", "cpu",
-                  "--attn-implementation", "flash_attention_2", "-q"],
-        "validate": ["validate", data, "-o", str(tmp_path / "v"), "--model", str(tiny_model_dir), "--device", "cpu",
-                     "--attn-implementation", "flash_attention_2", "-q"],  # refused before it scores
-        "displacement": ["displacement", data, "-o", str(tmp_path / "d.parquet"), "--model", str(tiny_model_dir),
-                         "--device", "cpu", "--attn-implementation", "flash_attention_2", "-q"],
-    }
-    for name, args in runs.items():
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 2, (name, result.output)
-        assert "flash_attention_2` runs on CUDA only" in _one_error_line(result), name
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_the_head_check_raises_what_the_model_raises():
@@ -432,22 +333,50 @@ def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_pa
     result = CliRunner().invoke(main, ["validate", str(EXAMPLE_HH), "-o", str(out), "--model", str(big), "--device",
                                        "cpu", "-q"])  # refused before it scores
     assert result.exit_code == 2, result.output
-    line = _one_error_line(result)
+    line = one_error_line(result)
     assert "does not fit on cpu for validate" in line and "B parameters x 16 bytes" in line and "GiB are free" in line
     assert not out.exists()
 
 
-# ------------------------------------------------------------------ 7. the GPU check script
-@pytest.mark.slow
-def test_gpu_check_script_parses_and_its_checks_run_dry():
-    """benchmarks/gpu_check.sh is valid bash; its python runs on this CPU in --dry mode (one line per check)."""
-    import subprocess
-    import sys
 
-    root = Path(__file__).resolve().parents[1]
-    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_check.sh")]).returncode == 0
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "fp16", "--dry"], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("PASS fp16"), done.stdout
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_oom_resplits_the_queued_batches(caplog, workers):
+    """Batches of 8 are planned; any batch over 4 pairs runs out of memory.
+
+    After the first failure the budget halves: the failed batch is retried
+    as two halves and every batch still queued is cut to the new budget
+    before it is tried, so (with one worker) exactly one forward pass fails.
+    """
+    model = tiny_llama()
+    pairs = pairs_of(24, seed=11, prompt=(10, 10), response=(4, 4))
+    cost = pairs[0].packed_length
+    assert all(p.packed_length == cost for p in pairs)
+    expected = Engine(model, "cpu", strategy="packed", max_batch_tokens=100_000, workers=1).run(pairs)
+    engine = Engine(model, "cpu", strategy="packed", max_batch_tokens=8 * cost, workers=workers)
+    real_forward = engine._forward
+    tried, failed, scored = [], [], collections.Counter()
+
+    def forward(batch):
+        tried.append(len(batch))
+        if len(batch) > 4:
+            failed.append(len(batch))
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        result = real_forward(batch)
+        scored.update(p.prompt for p in batch)
+        return result
+
+    engine._forward = forward
+    with caplog.at_level("WARNING", logger="ches_filter"):
+        got = engine.run(pairs)
+    assert failed and set(failed) == {8}
+    if workers == 1:
+        assert tried == [8] + [4] * 6  # one failure, then only re-split batches
+        assert engine.max_batch_tokens == 4 * cost
+    else:
+        assert len(failed) <= workers  # only batches already in flight can fail
+    assert max(t for t in tried if t not in failed) <= 4
+    assert scored == collections.Counter(p.prompt for p in pairs)  # every pair exactly once
+    assert caplog.text.count("out of memory on 8 pairs") == len(failed)
+    for name in ("s_chosen", "s_rejected", "last_chosen", "last_rejected"):
+        assert torch.allclose(getattr(got, name), getattr(expected, name), rtol=1e-6, atol=1e-6), name

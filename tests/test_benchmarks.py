@@ -77,3 +77,19 @@ def test_bench_score_end_to_end_on_a_tiny_random_model(bench, tmp_path):
     assert result["flop_ratio"] > 10
     assert result["engine"]["flops"] < result["paper"]["flops"]
     assert result["compare"]["spearman_ln_ches"] > 0.9
+
+
+# ------------------------------------------------------------------ 7. the GPU check script
+@pytest.mark.slow
+def test_gpu_check_script_parses_and_its_checks_run_dry():
+    """benchmarks/gpu_check.sh is valid bash; its python runs on this CPU in --dry mode (one line per check)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    assert subprocess.run(["bash", "-n", str(root / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "fp16", "--dry"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("PASS fp16"), done.stdout
