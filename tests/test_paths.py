@@ -16,7 +16,7 @@ from ches_filter import paths, records
 from ches_filter.errors import BadFlagError
 from ches_filter.sources import read_dataset
 
-from conftest import EXAMPLE_HH, HH_PAIR, PAIRS, REPO, THREE_HH_PAIRS, invoke, make_scores, one_error_line, run_score, snapshot, write_bytes, write_jsonl, write_lines
+from conftest import EXAMPLE_HH, HH_PAIR, PAIRS, REPO, THREE_HH_PAIRS, invoke, listing, make_scores, one_error_line, run_score, snapshot, write_bytes, write_jsonl, write_lines
 
 GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
 
@@ -564,7 +564,13 @@ def test_output_inside_or_around_input_directory(tmp_path):
 
 
 def test_output_checks_accept_hub_ids_and_fresh_paths(tmp_path):
-    paths.check_output_path(str(tmp_path / "out.parquet"), inputs=["owner/name"], overwrite=False)
+    # A Hub id is no local path, so a fresh output next to nothing is accepted and nothing is created.
+    assert paths.check_output_path(str(tmp_path / "out.parquet"), inputs=["owner/name"], overwrite=False) is None
+    assert listing(tmp_path) == []
+    # The same output named as an input is refused: the check does look at the inputs.
+    (tmp_path / "out.parquet").write_bytes(b"x")
+    with pytest.raises(BadFlagError):
+        paths.check_output_path(str(tmp_path / "out.parquet"), inputs=[str(tmp_path / "out.parquet")], overwrite=True)
 
 
 def test_existing_output_without_overwrite(tmp_path):
