@@ -253,7 +253,6 @@ class PairProbe:
             when it is not small).
         """
         import torch
-        import torch.nn.functional as F
 
         saved = [p.detach().clone() for p in self.params]
         try:
@@ -263,21 +262,8 @@ class PairProbe:
                 ref_logps = (float(ref.chosen[0]), float(ref.rejected[0]))
             ref_c, ref_r = ref_logps
             watch = dict(watch or {})
-            lost = wanted = 0.0
             before = {name: float(self.side(prompt, ids, grad=False).logp) for name, ids in watch.items()}
-            for _ in range(steps):
-                both = self._logprobs(pair, grad=True)
-                plus, minus = both.chosen[0], both.rejected[0]
-                loss = -F.logsigmoid(beta * ((plus - ref_c) - (minus - ref_r)))
-                grads = self._grad(loss)
-                with torch.no_grad():
-                    for p, g in zip(self.params, grads):
-                        if g is None:
-                            continue
-                        part_lost, part_wanted = _sgd_update(p, g, lr)
-                        lost += part_lost
-                        wanted += part_wanted
-                del grads, plus, minus, loss, both
+            lost, wanted = self._sgd_steps(pair, ref_logps, steps=steps, lr=lr, beta=beta)
             after = self._logprobs(pair, grad=False)
             after_c, after_r = after.chosen[0], after.rejected[0]
             out = {
@@ -292,6 +278,32 @@ class PairProbe:
             with torch.no_grad():
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
+
+    def _sgd_steps(self, pair: list, ref_logps: tuple[float, float], *, steps: int, lr: float, beta: float) -> tuple[float, float]:
+        """``steps`` plain-SGD steps on ``pair``'s DPO loss, in place.
+
+        Returns:
+            ``(||applied - intended||², ||intended||²)`` summed over every update (:func:`_sgd_update`).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        ref_c, ref_r = ref_logps
+        lost = wanted = 0.0
+        for _ in range(steps):
+            both = self._logprobs(pair, grad=True)
+            plus, minus = both.chosen[0], both.rejected[0]
+            loss = -F.logsigmoid(beta * ((plus - ref_c) - (minus - ref_r)))
+            grads = self._grad(loss)
+            with torch.no_grad():
+                for p, g in zip(self.params, grads):
+                    if g is None:
+                        continue
+                    part_lost, part_wanted = _sgd_update(p, g, lr)
+                    lost += part_lost
+                    wanted += part_wanted
+            del grads, plus, minus, loss, both
+        return lost, wanted
 
 
 def _sgd_update(p: Any, g: Any, lr: float) -> tuple[float, float]:
@@ -373,6 +385,11 @@ def measure_displacement(
 ) -> Any:
     """Probe a sample of pairs: first-order D (and real DPO steps) plus every measure.
 
+    Steps: check the flags (:func:`_check_names`), load the input and the model
+    (:func:`_probe_model`), an encoder (:func:`_encoder`), draw the sample
+    (:func:`_sample`), probe each pair (:func:`_probe_all`), then the table
+    with its metadata (:func:`_result_table`).
+
     Args:
         data: path, ``datasets.Dataset`` or list of row dicts.
         config: sample size, seed and the optional real steps.
@@ -391,16 +408,26 @@ def measure_displacement(
         The schema metadata (``ches_filter``) holds the settings and the
         :func:`displacement_summary`.
     """
-    import pyarrow as pa
-    from tqdm.auto import tqdm
-
-    from .batching import PairEncoder
-    from .model import load_model
-    from .inputs import load_input, source_name
+    from .inputs import load_input
 
     config = config or DisplacementConfig()
     score_config = score_config or ScoreConfig()
     watch = dict(watch or {})
+    _check_names(watch, score_config)
+    ds, layout, columns = load_input(data, score_config)
+    model = _probe_model(model, score_config)
+    encoder = _encoder(model, score_config, layout)
+    max_length = score_config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
+    picked = _sample(ds, layout, columns, encoder, config, max_length)
+    show = (not score_config.quiet) if progress is None else progress
+    records = _probe_all(PairProbe(model.decoder, model.device), picked, encoder, config, watch, show)
+    if config.steps:
+        _warn_lost_updates(records, config, model)
+    return _result_table(records, picked, data, ds, layout, columns, model, encoder, config, score_config, watch)
+
+
+def _check_names(watch: dict[str, str], score_config: ScoreConfig) -> None:
+    """Refuses a watch name that is no identifier or is taken, and an id column the result writes itself."""
     for name in watch:
         if not name.isidentifier() or f"dlogp_{name}" in DISPLACEMENT_COLUMNS:
             raise BadFlagError(f"watch name {name!r} must be an identifier other than chosen/rejected")
@@ -411,7 +438,12 @@ def measure_displacement(
             f"`--id-column` {score_config.id_column!r} is a column displacement writes itself ({', '.join(own)}); "
             f"copy or rename that input column (e.g. to `{score_config.id_column}_id`) and pass the new name"
         )
-    ds, layout, columns = load_input(data, score_config)
+
+
+def _probe_model(model: Any, score_config: ScoreConfig) -> Any:
+    """``model``, or the one ``score_config`` names loaded with its LM head (``dtype auto`` as float32); checked usable."""
+    from .model import flash_attention_problem, load_model
+
     if model is None:
         model = load_model(
             score_config.model,
@@ -425,12 +457,17 @@ def measure_displacement(
         )
     if model.decoder.get_output_embeddings() is None:
         raise BadDataError("displacement needs the model's LM head; load it with `load_model(..., with_lm_head=True)`")
-    from .model import flash_attention_problem
-
     problem = flash_attention_problem(getattr(model.decoder.config, "_attn_implementation", None), model.device,
                                       next(model.decoder.parameters()).dtype)
     if problem:
         raise BadFlagError(problem)
+    return model
+
+
+def _encoder(model: Any, score_config: ScoreConfig, layout: str) -> Any:
+    """The :class:`~ches_filter.batching.PairEncoder` of the token layout; refuses conversations without a chat template."""
+    from .batching import PairEncoder
+
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout,
         on_special_tokens=score_config.on_special_tokens,
@@ -440,10 +477,14 @@ def measure_displacement(
             f"the input is {layout} but no chat template can be used; conversational prompts need one: use a "
             "model that has one, or give `prompt`/`chosen`/`rejected` as plain strings"
         )
-    max_length = score_config.max_length or int(model.info.get("max_position_embeddings") or 2**31 - 1)
-    picked = _sample(ds, layout, columns, encoder, config, max_length)
-    probe = PairProbe(model.decoder, model.device)
-    show = (not score_config.quiet) if progress is None else progress
+    return encoder
+
+
+def _probe_all(probe: PairProbe, picked: list, encoder: Any, config: DisplacementConfig, watch: dict[str, str],
+               show: bool) -> list[dict]:
+    """One record per sampled pair: first order, then (with ``config.steps``) the real steps; the model given back after."""
+    from tqdm.auto import tqdm
+
     records = []
     try:
         for index, pair, enc in tqdm(picked, desc="displacement", unit="pair", disable=not show, dynamic_ncols=True):
@@ -463,20 +504,34 @@ def measure_displacement(
             records.append(record)
     finally:
         probe.state.restore()
+    return records
+
+
+def _warn_lost_updates(records: list[dict], config: DisplacementConfig, model: Any) -> None:
+    """Warns when the median SGD update lost more than 5% to the weights' rounding (``--lr`` too small)."""
+    errors = sorted(r["step_rounding_error"] for r in records)
+    median = errors[len(errors) // 2]
+    if median > 0.05:
+        dtype = str(model.dtype).replace("torch.", "")
+        logger.warning(
+            "%.0f%% of each SGD update (median) was lost to the weights' rounding: `--lr %g` is too small for "
+            "%s weights; raise `--lr` (aim for |dlogp| of ~0.01-0.1 nats per step)%s",
+            100 * median, config.lr, dtype, "" if dtype == "float32" else " or use `--dtype float32`",
+        )
+
+
+def _result_table(records: list[dict], picked: list, data: Any, ds: Any, layout: str, columns: Any, model: Any,
+                  encoder: Any, config: DisplacementConfig, score_config: ScoreConfig, watch: dict[str, str]) -> Any:
+    """The records as a ``pyarrow.Table`` (ids from the input), with the settings and summary as metadata."""
+    import pyarrow as pa
+
+    from .inputs import source_name
+    from .scorefile import with_metadata
+
     step_columns = ("dlogp_chosen", "dlogp_rejected", "step_rounding_error")
     names = ["row_index"] + [c for c in DISPLACEMENT_COLUMNS if config.steps or c not in step_columns]
     if config.steps:
         names += [f"dlogp_{name}" for name in watch]
-    if config.steps:
-        errors = sorted(r["step_rounding_error"] for r in records)
-        median = errors[len(errors) // 2]
-        if median > 0.05:
-            dtype = str(model.dtype).replace("torch.", "")
-            logger.warning(
-                "%.0f%% of each SGD update (median) was lost to the weights' rounding: `--lr %g` is too small for "
-                "%s weights; raise `--lr` (aim for |dlogp| of ~0.01-0.1 nats per step)%s",
-                100 * median, config.lr, dtype, "" if dtype == "float32" else " or use `--dtype float32`",
-            )
     arrays = {name: [r[name] for r in records] for name in names}
     fields = []
     for name in names:
@@ -486,7 +541,6 @@ def measure_displacement(
         ids = ds.select_columns([columns.id])[[item[0] for item in picked]][columns.id] if picked else []
         fields.insert(1, (columns.id, pa.array(ids)))
     table = pa.table(dict(fields))
-    summary = displacement_summary(table, steps=config.steps)
     metadata = {
         "ches_filter_version": __version__,
         "kind": "displacement",
@@ -498,10 +552,8 @@ def measure_displacement(
         "input": source_name(data),
         "num_rows": len(ds),
         "config": dataclasses.asdict(config),
-        "summary": summary,
+        "summary": displacement_summary(table, steps=config.steps),
     }
-    from .scorefile import with_metadata
-
     return with_metadata(table, metadata)
 
 

@@ -436,6 +436,23 @@ def detect_layout(column_names: list[str], sample_rows: list[dict], columns: Col
             values fit no layout.
     """
     available = ", ".join(column_names) or "(none)"
+    chosen = _response_sample(column_names, sample_rows, columns, available)
+    if columns.prompt in column_names:
+        return _layout_with_prompt(sample_rows, columns, chosen)
+    if is_conversational(chosen):
+        return "implicit_conversational"
+    if "Assistant:" in chosen:
+        return "implicit_text"
+    raise BadDataError(
+        f"column {columns.prompt!r} not found; available columns: {available}, and "
+        f"column {columns.chosen!r} holds plain strings, not HH-style transcripts "
+        "('\\n\\nHuman: ... \\n\\nAssistant: ...'). Pass `--prompt-column NAME` to "
+        "name the column holding the prompt."
+    )
+
+
+def _response_sample(column_names: list[str], sample_rows: list[dict], columns: Columns, available: str) -> Any:
+    """The chosen column's representative value, after checking both response columns exist and hold something usable."""
     for role in ("chosen", "rejected"):
         name = getattr(columns, role)
         if name not in column_names:
@@ -461,44 +478,36 @@ def detect_layout(column_names: list[str], sample_rows: list[dict], columns: Col
             "or lists of {role, content} messages. Map another column with "
             "`--chosen-column NAME`."
         )
+    return chosen
 
-    if columns.prompt in column_names:
-        prompt = _first_value(sample_rows, columns.prompt)
-        if prompt is None:
-            raise BadDataError(
-                f"column {columns.prompt!r} is None in all of the first "
-                f"{min(len(sample_rows), _SAMPLE_LIMIT)} rows; it must hold strings "
-                "or message lists. Map another column with `--prompt-column NAME`, "
-                "or pass `--input-format implicit_conversational`/`--input-format implicit_text` "
-                "if the responses hold the whole conversation."
-            )
-        if is_conversational(chosen) and (len(chosen) > 1 or chosen[0]["role"] != "assistant"):
-            # UltraFeedback-binarized keeps a prompt column *and* full
-            # conversations in chosen/rejected; the conversations are the
-            # authoritative prompt, so the prompt column is not used.
-            logger.info(
-                "column %r holds whole conversations; ignoring prompt column %r",
-                columns.chosen,
-                columns.prompt,
-            )
-            return "implicit_conversational"
-        if is_conversational(prompt):
-            return "explicit_conversational"
-        if isinstance(prompt, str):
-            return "explicit_conversational" if is_conversational(chosen) else "explicit_text"
+
+def _layout_with_prompt(sample_rows: list[dict], columns: Columns, chosen: Any) -> str:
+    """The layout of an input that has the prompt column (``chosen``: the chosen column's representative value)."""
+    prompt = _first_value(sample_rows, columns.prompt)
+    if prompt is None:
         raise BadDataError(
-            f"column {columns.prompt!r} holds {_describe(prompt)}; expected strings or "
-            "lists of {role, content} messages. Map another column with "
-            "`--prompt-column NAME`."
+            f"column {columns.prompt!r} is None in all of the first "
+            f"{min(len(sample_rows), _SAMPLE_LIMIT)} rows; it must hold strings "
+            "or message lists. Map another column with `--prompt-column NAME`, "
+            "or pass `--input-format implicit_conversational`/`--input-format implicit_text` "
+            "if the responses hold the whole conversation."
         )
-
-    if is_conversational(chosen):
+    if is_conversational(chosen) and (len(chosen) > 1 or chosen[0]["role"] != "assistant"):
+        # UltraFeedback-binarized keeps a prompt column *and* full
+        # conversations in chosen/rejected; the conversations are the
+        # authoritative prompt, so the prompt column is not used.
+        logger.info(
+            "column %r holds whole conversations; ignoring prompt column %r",
+            columns.chosen,
+            columns.prompt,
+        )
         return "implicit_conversational"
-    if "Assistant:" in chosen:
-        return "implicit_text"
+    if is_conversational(prompt):
+        return "explicit_conversational"
+    if isinstance(prompt, str):
+        return "explicit_conversational" if is_conversational(chosen) else "explicit_text"
     raise BadDataError(
-        f"column {columns.prompt!r} not found; available columns: {available}, and "
-        f"column {columns.chosen!r} holds plain strings, not HH-style transcripts "
-        "('\\n\\nHuman: ... \\n\\nAssistant: ...'). Pass `--prompt-column NAME` to "
-        "name the column holding the prompt."
+        f"column {columns.prompt!r} holds {_describe(prompt)}; expected strings or "
+        "lists of {role, content} messages. Map another column with "
+        "`--prompt-column NAME`."
     )

@@ -231,6 +231,11 @@ def pair_logprobs(
 ) -> PairLogProbs:
     """``log π(y+|x)`` and ``log π(y-|x)`` of each pair, one forward pass for the batch.
 
+    Steps: the batch's rows (:func:`_packed_rows` or :func:`_plain_rows`), the
+    positions that predict each response token (:func:`_response_positions`),
+    per-token log-probs through the LM head in chunks (:func:`_logprobs_by_head`)
+    or the model's own forward (:func:`_logprobs_by_forward`), summed per response.
+
     Args:
         lm: a transformers causal LM (with its LM head).
         pairs: :class:`~ches_filter.batching.EncodedPair` objects (each response ends
@@ -260,94 +265,23 @@ def pair_logprobs(
     if device is None:
         device = next(lm.parameters()).device
     device = torch.device(device)
-    sides = []  # (row, start index of the predicting positions, response ids), one per response
     if packed:
-        from .engine import packed_rows, sliding_window, tree_mask
-
-        ids, tags, positions = packed_rows(pairs, pad_token_id)
-        config = lm.config
-        mask_dtype = autocast_dtype or next(lm.parameters()).dtype
-        attention_mask = tree_mask(
-            tags, positions, tags, positions, device=device, dtype=mask_dtype,
-            window=sliding_window(config), layer_types=getattr(config, "layer_types", None),
-        )
-        for b, pair in enumerate(pairs):
-            p, c = len(pair.prompt), len(pair.chosen)
-            sides.append((b, p - 1, p, pair.chosen))
-            sides.append((b, p - 1, p + c - 1, pair.rejected))
+        rows = _packed_rows(lm, pairs, device, pad_token_id, autocast_dtype)
     else:
-        rows = [(pair.prompt, resp) for pair in pairs for resp in (pair.chosen, pair.rejected)]
-        length = max(len(prompt) + len(resp) - 1 for prompt, resp in rows)
-        ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
-        mask2d = torch.zeros((len(rows), length), dtype=torch.long)
-        for s, (prompt, resp) in enumerate(rows):
-            seq = list(prompt) + list(resp[:-1])
-            ids[s, : len(seq)] = torch.tensor(seq)
-            mask2d[s, : len(seq)] = 1
-            sides.append((s, len(prompt) - 1, len(prompt), resp))
-        positions = (mask2d.cumsum(-1) - 1).clamp(min=0)
-        attention_mask = mask2d.to(device)
-    width = ids.shape[1]
-    first = min(start for _, start, _, _ in sides)
-    keep = width - first  # logits for the tail that holds every response-predicting position
-    flat, segment, targets = [], [], []
-    for s, (row, start, branch, resp) in enumerate(sides):
-        # R[0] is predicted at `start` (the last prompt position), R[k] (k >= 1) at branch + k - 1.
-        index = [start] + list(range(branch, branch + len(resp) - 1))
-        flat += [row * keep + i - first for i in index]
-        segment += [s] * len(resp)
-        targets += list(resp)
-
+        rows = _plain_rows(pairs, device, pad_token_id)
+    keep, flat, segment, targets = _response_positions(rows)
     flat_t = torch.tensor(flat, device=device)
     target_t = torch.tensor(targets, device=device)
     segment_t = torch.tensor(segment, device=device)
-    states = None
     head_only = head_is_exact(lm, device, autocast_dtype)  # checked once per model
-    vocab = vocab_size(lm)
-    chunk = head_chunk_positions(vocab, head_elements)
+    chunk = head_chunk_positions(vocab_size(lm), head_elements)
     with torch.set_grad_enabled(grad), _autocast(device, autocast_dtype):
         if head_only:
-            # The decoder, then the LM head on the response-predicting positions only, chunk by chunk.
-            base = lm.base_model(
-                input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device), use_cache=False,
-            )
-            states = base[0] if isinstance(base, tuple) else base.last_hidden_state
-            picked = states.reshape(-1, states.shape[-1]).index_select(0, _full_index(flat, width, keep, device))
-            parts = []
-            for start in range(0, picked.shape[0], chunk):
-                args = (lm, picked[start : start + chunk], target_t[start : start + chunk])
-                if grad and torch.is_grad_enabled():
-                    from torch.utils.checkpoint import checkpoint
-
-                    # Only the chunk's hidden states are kept for the backward pass; its logits are recomputed.
-                    parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
-                else:
-                    parts.append(_head_logprobs(*args))
-            token_logp = torch.cat(parts)
+            token_logp, states = _logprobs_by_head(lm, rows, flat, keep, target_t, chunk, grad, device)
         else:
-            captured: dict[str, Any] = {}
-
-            def keep_hidden(_module, _args, output):
-                captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-            hook = lm.base_model.register_forward_hook(keep_hidden) if hidden else None
-            try:
-                logits = lm(
-                    input_ids=ids.to(device), attention_mask=attention_mask, position_ids=positions.to(device),
-                    use_cache=False, logits_to_keep=keep,
-                ).logits
-            finally:
-                if hook is not None:
-                    hook.remove()
-            states = captured.get("hidden")
-            flat_logits = logits.reshape(-1, logits.shape[-1])
-            # The model's own logits are whole; their float32 copies and the cross-entropy go chunk by chunk.
-            token_logp = torch.cat([
-                _logprobs_of(flat_logits.index_select(0, flat_t[start : start + chunk]), target_t[start : start + chunk])
-                for start in range(0, flat_t.shape[0], chunk)
-            ])
+            token_logp, states = _logprobs_by_forward(lm, rows, keep, flat_t, target_t, chunk, hidden, device)
     with torch.set_grad_enabled(grad):
-        sums = torch.zeros(len(sides), dtype=token_logp.dtype, device=device).index_add(0, segment_t, token_logp)
+        sums = torch.zeros(len(rows.sides), dtype=token_logp.dtype, device=device).index_add(0, segment_t, token_logp)
     out = PairLogProbs(
         chosen=sums[0::2] if grad else sums[0::2].detach(),
         rejected=sums[1::2] if grad else sums[1::2].detach(),
@@ -355,10 +289,160 @@ def pair_logprobs(
         rejected_tokens=[len(p.rejected) for p in pairs],
     )
     if hidden:
-        states = states.detach()
-        per_side = []
-        for row, start, branch, resp in sides:
-            index = torch.tensor([start] + list(range(branch, branch + len(resp) - 1)), device=states.device)
-            per_side.append(states[row].index_select(0, index).to(torch.float64))
-        out.hidden_chosen, out.hidden_rejected = per_side[0::2], per_side[1::2]
+        out.hidden_chosen, out.hidden_rejected = _hidden_per_side(states, rows.sides)
     return out
+
+
+@dataclass
+class _Rows:
+    """A batch's model input, and per response where it is predicted.
+
+    Attributes:
+        ids: ``(rows, width)`` token ids (on the CPU).
+        positions: ``(rows, width)`` position ids (on the CPU).
+        attention_mask: the mask the model is called with (on the device).
+        sides: per response, chosen then rejected of each pair: ``(row, start,
+            branch, response ids)``; ``R[0]`` is predicted at ``start`` (the last
+            prompt position), ``R[k]`` (k >= 1) at ``branch + k - 1``.
+    """
+
+    ids: Any
+    positions: Any
+    attention_mask: Any
+    sides: list[tuple[int, int, int, Sequence[int]]]
+
+
+def _predicting(start: int, branch: int, resp: Sequence[int]) -> list[int]:
+    """Row indices of the positions predicting ``resp``'s tokens (see :class:`_Rows`)."""
+    return [start] + list(range(branch, branch + len(resp) - 1))
+
+
+def _packed_rows(lm: Any, pairs: Sequence[Any], device: Any, pad_token_id: int, autocast_dtype: Any) -> _Rows:
+    """One row per pair, ``[P | R+[:-1] | R-[:-1]]``, with the engine's tree mask and restarted positions."""
+    from .engine import packed_rows, sliding_window, tree_mask
+
+    ids, tags, positions = packed_rows(pairs, pad_token_id)
+    config = lm.config
+    mask_dtype = autocast_dtype or next(lm.parameters()).dtype
+    attention_mask = tree_mask(
+        tags, positions, tags, positions, device=device, dtype=mask_dtype,
+        window=sliding_window(config), layer_types=getattr(config, "layer_types", None),
+    )
+    sides = []
+    for b, pair in enumerate(pairs):
+        p, c = len(pair.prompt), len(pair.chosen)
+        sides.append((b, p - 1, p, pair.chosen))
+        sides.append((b, p - 1, p + c - 1, pair.rejected))
+    return _Rows(ids, positions, attention_mask, sides)
+
+
+def _plain_rows(pairs: Sequence[Any], device: Any, pad_token_id: int) -> _Rows:
+    """Two right-padded rows per pair, ``P + R+[:-1]`` and ``P + R-[:-1]``."""
+    import torch
+
+    rows = [(pair.prompt, resp) for pair in pairs for resp in (pair.chosen, pair.rejected)]
+    length = max(len(prompt) + len(resp) - 1 for prompt, resp in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    mask2d = torch.zeros((len(rows), length), dtype=torch.long)
+    sides = []
+    for s, (prompt, resp) in enumerate(rows):
+        seq = list(prompt) + list(resp[:-1])
+        ids[s, : len(seq)] = torch.tensor(seq)
+        mask2d[s, : len(seq)] = 1
+        sides.append((s, len(prompt) - 1, len(prompt), resp))
+    positions = (mask2d.cumsum(-1) - 1).clamp(min=0)
+    return _Rows(ids, positions, mask2d.to(device), sides)
+
+
+def _response_positions(rows: _Rows) -> tuple[int, list[int], list[int], list[int]]:
+    """Where each response token is predicted, in the ``(rows, keep)`` tail of the batch.
+
+    Returns:
+        ``keep`` (the tail's width: from the earliest predicting position on),
+        ``flat`` (per response token, its index into the flattened tail),
+        ``segment`` (per token, its response's index in ``rows.sides``) and
+        ``targets`` (per token, its id).
+    """
+    width = rows.ids.shape[1]
+    first = min(start for _, start, _, _ in rows.sides)
+    keep = width - first  # logits for the tail that holds every response-predicting position
+    flat, segment, targets = [], [], []
+    for s, (row, start, branch, resp) in enumerate(rows.sides):
+        flat += [row * keep + i - first for i in _predicting(start, branch, resp)]
+        segment += [s] * len(resp)
+        targets += list(resp)
+    return keep, flat, segment, targets
+
+
+def _logprobs_by_head(
+    lm: Any, rows: _Rows, flat: list[int], keep: int, target_t: Any, chunk: int, grad: bool, device: Any,
+) -> tuple[Any, Any]:
+    """The decoder, then the LM head on the response-predicting positions only, chunk by chunk.
+
+    Returns:
+        ``(token log-probs, final hidden states (rows, width, D))``.
+    """
+    import torch
+
+    base = lm.base_model(
+        input_ids=rows.ids.to(device), attention_mask=rows.attention_mask, position_ids=rows.positions.to(device),
+        use_cache=False,
+    )
+    states = base[0] if isinstance(base, tuple) else base.last_hidden_state
+    picked = states.reshape(-1, states.shape[-1]).index_select(0, _full_index(flat, rows.ids.shape[1], keep, device))
+    parts = []
+    for start in range(0, picked.shape[0], chunk):
+        args = (lm, picked[start : start + chunk], target_t[start : start + chunk])
+        if grad and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            # Only the chunk's hidden states are kept for the backward pass; its logits are recomputed.
+            parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(*args))
+    return torch.cat(parts), states
+
+
+def _logprobs_by_forward(
+    lm: Any, rows: _Rows, keep: int, flat_t: Any, target_t: Any, chunk: int, hidden: bool, device: Any,
+) -> tuple[Any, Any]:
+    """The model's own forward (logits for the batch's ``keep`` tail), for a model whose head alone is not exact.
+
+    Returns:
+        ``(token log-probs, final hidden states (rows, width, D) or None without hidden)``.
+    """
+    import torch
+
+    captured: dict[str, Any] = {}
+
+    def keep_hidden(_module, _args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    hook = lm.base_model.register_forward_hook(keep_hidden) if hidden else None
+    try:
+        logits = lm(
+            input_ids=rows.ids.to(device), attention_mask=rows.attention_mask, position_ids=rows.positions.to(device),
+            use_cache=False, logits_to_keep=keep,
+        ).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    # The model's own logits are whole; their float32 copies and the cross-entropy go chunk by chunk.
+    token_logp = torch.cat([
+        _logprobs_of(flat_logits.index_select(0, flat_t[start : start + chunk]), target_t[start : start + chunk])
+        for start in range(0, flat_t.shape[0], chunk)
+    ])
+    return token_logp, captured.get("hidden")
+
+
+def _hidden_per_side(states: Any, sides: list) -> tuple[list[Any], list[Any]]:
+    """Per response, the detached float64 ``(|R|, D)`` final hidden states at its predicting positions."""
+    import torch
+
+    states = states.detach()
+    per_side = []
+    for row, start, branch, resp in sides:
+        index = torch.tensor(_predicting(start, branch, resp), device=states.device)
+        per_side.append(states[row].index_select(0, index).to(torch.float64))
+    return per_side[0::2], per_side[1::2]

@@ -647,8 +647,35 @@ def load_model(
     if gguf is not None:
         check_cache_root()
 
+    dev, torch_dtype = _placement(attn_implementation, device, dtype, device_map, autocast)
+    info: dict[str, Any] = {"revision": revision, "model": _model_name(model, gguf)}
+    if gguf is not None:
+        source, info["gguf_sha256"] = cached_gguf_checkpoint(gguf)
+        load_from: str = str(source)
+        hub: dict[str, Any] = {}  # the converted GGUF is a local checkpoint: no revision, no remote code
+    else:
+        load_from = model
+        hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs = {**from_pretrained_kwargs(torch_dtype, dev, attn_implementation, device_map), **hub}
+    if train_bytes_per_param:
+        check_training_fits(load_from, kwargs, dev, train_bytes_per_param, with_lm_head)
+    tokenizer, net = _from_pretrained(model, load_from, hub, kwargs, with_lm_head, attn_implementation)
+    if not device_map:
+        net.to(dev)  # already there (loaded straight to it); a no-op that keeps the promise
+    else:
+        dev = next(net.parameters()).device
+    net.eval()
+    net.requires_grad_(False)
+    info.update(_provenance(net.config, tokenizer, torch_dtype, dev, attn_implementation))
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise BadDataError(f"the tokenizer of {info['model']} has no EOS token; CHES needs one to end each response")
+    return LoadedModel(decoder=net, tokenizer=tokenizer, device=dev, dtype=torch_dtype, info=info)
+
+
+def _placement(attn_implementation: str, device: str, dtype: str, device_map: str | None,
+               autocast: str | None) -> tuple[Any, Any]:
+    """The device and weights dtype :func:`load_model` loads to; refuses an attention implementation that cannot run there."""
     import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise BadFlagError(
@@ -660,30 +687,25 @@ def load_model(
                                       getattr(torch, autocast) if autocast else None)
     if problem:
         raise BadFlagError(problem)
-    info: dict[str, Any] = {"revision": revision}
+    return dev, torch_dtype
+
+
+def _model_name(model: str | None, gguf: Path | None) -> str:
+    """The model as recorded in the metadata: the embedded file, an absolute local path, or the Hub id as given."""
     if model is None:
-        info["model"] = f"embedded:{DEFAULT_MODEL_FILE}"
-    else:
-        info["model"] = str(Path(model).expanduser().resolve()) if gguf is not None or Path(model).exists() else model
-    if gguf is not None:
-        source, sha = cached_gguf_checkpoint(gguf)
-        info["gguf_sha256"] = sha
-        load_from: str = str(source)
-        remote = False
-    else:
-        load_from = model
-        remote = trust_remote_code
-    kwargs = from_pretrained_kwargs(torch_dtype, dev, attn_implementation, device_map)
-    if gguf is None:
-        kwargs.update(revision=revision, trust_remote_code=remote)
-    if train_bytes_per_param:
-        check_training_fits(load_from, kwargs, dev, train_bytes_per_param, with_lm_head)
+        return f"embedded:{DEFAULT_MODEL_FILE}"
+    return str(Path(model).expanduser().resolve()) if gguf is not None or Path(model).exists() else model
+
+
+def _from_pretrained(model: str | None, load_from: str, hub: dict, kwargs: dict, with_lm_head: bool,
+                     attn_implementation: str) -> tuple[Any, Any]:
+    """The tokenizer and the network from ``load_from``; transformers' errors as one line (BadFlagError/BadDataError)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            load_from, **({} if gguf is not None else {"revision": revision, "trust_remote_code": remote})
-        )
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **hub)
         cls = AutoModelForCausalLM if with_lm_head else AutoModel
-        net = cls.from_pretrained(load_from, **kwargs)
+        return tokenizer, cls.from_pretrained(load_from, **kwargs)
     except ImportError as exc:
         if attn_implementation == "flash_attention_2":
             raise BadFlagError(f"`--attn-implementation flash_attention_2` is not usable here ({_one_line(exc)}); use `sdpa`") from None
@@ -698,14 +720,11 @@ def load_model(
         raise BadDataError(
             f"cannot load model {model!r}: {_one_line(exc)}. `--model` takes a Hub id, a local directory, or a .gguf file"
         ) from None
-    if not device_map:
-        net.to(dev)  # already there (loaded straight to it); a no-op that keeps the promise
-    else:
-        dev = next(net.parameters()).device
-    net.eval()
-    net.requires_grad_(False)
-    config = net.config
-    info.update(
+
+
+def _provenance(config: Any, tokenizer: Any, torch_dtype: Any, dev: Any, attn_implementation: str) -> dict[str, Any]:
+    """What :func:`load_model` records about the loaded model besides its name and revision."""
+    return dict(
         model_type=getattr(config, "model_type", None),
         dtype=str(torch_dtype).replace("torch.", ""),
         device=str(dev),
@@ -715,9 +734,6 @@ def load_model(
         # The Hub commit actually loaded, so a moving branch is still reproducible.
         commit_hash=getattr(config, "_commit_hash", None),
     )
-    if getattr(tokenizer, "eos_token_id", None) is None:
-        raise BadDataError(f"the tokenizer of {info['model']} has no EOS token; CHES needs one to end each response")
-    return LoadedModel(decoder=net, tokenizer=tokenizer, device=dev, dtype=torch_dtype, info=info)
 
 
 def as_loaded_model(model: Any, tokenizer: Any = None, **load_kwargs: Any) -> LoadedModel:

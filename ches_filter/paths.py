@@ -223,6 +223,16 @@ def check_paths(
     may_exist = set(may_exist)
     check_not_matched(outs, inputs)
     # Inputs first: clobbering what is read is the worse outcome, so name it even when outputs clash too.
+    _check_outputs_spare_inputs(outs, ins)
+    _check_outputs_apart(outs)
+    for name, path in outs:
+        if name not in may_exist:
+            _check_replaceable_output(name, path, overwrite, (foreign or {}).get(name, foreign_to_dataset))
+        _check_parent(name, path)
+
+
+def _check_outputs_spare_inputs(outs: list[tuple[str | None, str]], ins: list[tuple[str | None, str]]) -> None:
+    """Refuses an output that is an input, lies inside an input directory, or is a directory holding an input."""
     for name, path in outs:
         for in_name, source in ins:
             clash = _clash(path, source)
@@ -243,6 +253,10 @@ def check_paths(
                     f"{_flag(name)}{path} is a directory that contains {what}; choose a different "
                     f"{_flag(name).strip() or 'output'}."
                 )
+
+
+def _check_outputs_apart(outs: list[tuple[str | None, str]]) -> None:
+    """Refuses two outputs that are one file, or one lying inside the other."""
     for i, (name, path) in enumerate(outs):
         for other_name, other in outs[:i]:
             clash = _clash(path, other)
@@ -259,25 +273,33 @@ def check_paths(
                     f"{_flag(inner[0])}{inner[1]} lies inside {_flag(outer[0])}{outer[1]}; writing one would "
                     f"change the other, so give {_flag(name) or 'them '}a path outside it."
                 )
-    for name, path in outs:
-        if name not in may_exist and os.path.lexists(path) and not overwrite:
-            raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
-        # What is replaced is the path as atomic_paths spells it: `dir/`, `./dir` and `d/../dir` are the directory,
-        # a symbolic link is itself (what it points at stays).
-        target = os.path.abspath(path)
-        if name not in may_exist and os.path.isdir(target) and not os.path.islink(target):
-            _check_replaceable(name, path, (foreign or {}).get(name, foreign_to_dataset))
-        parent = os.path.dirname(os.path.abspath(path))
-        # As spelled too: `missing/../out` normalises to an existing parent, but
-        # creating it (os.makedirs) would first create `missing/`.
-        spelled = os.path.dirname(os.fspath(path).rstrip(os.sep)) or os.curdir
-        if not os.path.isdir(spelled):
-            parent = spelled
-        if not os.path.isdir(parent):
-            raise BadFlagError(
-                f"the directory {parent} for {_flag(name)}{path} does not exist; create it "
-                f"first or choose another {_flag(name).strip() or 'output'}."
-            )
+
+
+def _check_replaceable_output(name: str | None, path: str, overwrite: bool,
+                              foreign_of: Callable[[str], list[str]]) -> None:
+    """Refuses an existing output without ``overwrite``, and a directory output holding what ches-filter did not write."""
+    if os.path.lexists(path) and not overwrite:
+        raise BadFlagError(f"{_flag(name)}{path} exists; pass `--overwrite` to replace it.")
+    # What is replaced is the path as atomic_paths spells it: `dir/`, `./dir` and `d/../dir` are the directory,
+    # a symbolic link is itself (what it points at stays).
+    target = os.path.abspath(path)
+    if os.path.isdir(target) and not os.path.islink(target):
+        _check_replaceable(name, path, foreign_of)
+
+
+def _check_parent(name: str | None, path: str) -> None:
+    """Refuses an output whose directory does not exist, as resolved or as spelled."""
+    parent = os.path.dirname(os.path.abspath(path))
+    # As spelled too: `missing/../out` normalises to an existing parent, but
+    # creating it (os.makedirs) would first create `missing/`.
+    spelled = os.path.dirname(os.fspath(path).rstrip(os.sep)) or os.curdir
+    if not os.path.isdir(spelled):
+        parent = spelled
+    if not os.path.isdir(parent):
+        raise BadFlagError(
+            f"the directory {parent} for {_flag(name)}{path} does not exist; create it "
+            f"first or choose another {_flag(name).strip() or 'output'}."
+        )
 
 
 def check_not_matched(outputs: Any, inputs: Any) -> None:
