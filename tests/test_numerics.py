@@ -68,14 +68,14 @@ NORM_SCALE = 64.0  # final-norm gain: states with entries in the hundreds, like 
 
 
 @pytest.fixture(scope="module")
-def wide(embedded):
-    """A 2-layer random Llama with 4096-dim hidden states, in bfloat16, with the embedded tokenizer."""
+def wide(embedded_tokenizer):
+    """A 2-layer random Llama with 4096-dim hidden states, in bfloat16, with the embedded tokenizer (no weights read)."""
     from transformers import LlamaConfig, LlamaModel
 
     from ches_filter.model import LoadedModel
 
     torch.manual_seed(0)
-    tokenizer = embedded.tokenizer
+    tokenizer = embedded_tokenizer
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=1024, num_hidden_layers=2,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,

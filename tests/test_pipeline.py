@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -169,50 +168,10 @@ def test_concurrent_second_run_refuses_and_the_first_finishes(tmp_path, tiny_mod
     assert not os.path.exists(work.path)
 
 
-@pytest.mark.slow
-def test_prune_killed_then_rerun_gives_the_uninterrupted_output(tmp_path, tiny_model_dir):
-    data = tmp_path / "hh.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(120)), encoding="utf-8")
-
-    def command(out):
-        return [sys.executable, "-m", "ches_filter", "prune", str(data), "--keep", "0.7", "-o", str(out),
-                "--model", str(tiny_model_dir), "--checkpoint-every", "10", "--chunk-size", "5"]
-
-    reference = tmp_path / "ref.jsonl"
-    assert subprocess.run(command(reference), env=_env(), capture_output=True, timeout=600).returncode == 0
-    out = tmp_path / "kept.jsonl"
-    work = WorkDir(str(out) + ".parts")
-    proc = subprocess.Popen(command(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while len(work.scan_parts()) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not out.exists()
-    rerun = subprocess.run(command(out), env=_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming:" in rerun.stderr
-    assert out.read_bytes() == reference.read_bytes()
-
-
-@pytest.mark.slow
-def test_prune_under_torchrun_equals_one_process(tmp_path, tiny_model_dir):
-    data = tmp_path / "hh.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_hh(30)), encoding="utf-8")
-    flags = ["--keep", "0.6", "--model", str(tiny_model_dir), "--checkpoint-every", "4", "--chunk-size", "2", "-q"]
-    single = tmp_path / "single.jsonl"
-    assert invoke("prune", data, "-o", single, *flags, "--rejects", tmp_path / "single_rejects.jsonl").exit_code == 0
-    out = tmp_path / "dp.jsonl"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "ches_filter", "prune", str(data), "-o", str(out), "--rejects", str(tmp_path / "dp_rejects.jsonl"), *flags]
-    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert out.read_bytes() == single.read_bytes()
-    assert (tmp_path / "dp_rejects.jsonl").read_bytes() == (tmp_path / "single_rejects.jsonl").read_bytes()
-    assert done.stdout.count("kept:") == 1  # rank 0 reports
+# `prune` killed, then rerun: tests/test_resume.py::test_sigkill_then_rerun_gives_the_uninterrupted_output
+# (one killed run checks the prune outputs and the resumed parts together).
+# `prune` under torchrun equals one process: tests/test_distributed.py::test_torchrun_two_ranks_equal_one_process
+# (one launch checks the prune outputs and the ranks' shares together).
 
 
 def test_prune_refuses_a_foreign_work_dir_before_reading_anything(tmp_path, hh12, tiny):

@@ -184,24 +184,17 @@ def test_work_dir_may_not_hold_the_input(tmp_path, hh12, tiny):
 
 
 # --------------------------------------------------------------------------
-# The real thing: SIGKILL a running `score` on the embedded model, rerun it.
+# The real thing: SIGKILL a running `prune` (which scores through the same parts as `score`), rerun it.
 # --------------------------------------------------------------------------
 
-SHORT_ROWS = 40
-CHECKPOINT = 8
+KILL_ROWS = 120
+CHECKPOINT = 10
 
 
-@pytest.fixture(scope="module")
-def short_hh(tmp_path_factory):
-    """The 40 shortest HH-RLHF rows (two of them with an empty response), in file order."""
-    rows = read_hh()
-    shortest = sorted(range(len(rows)), key=lambda i: len(rows[i]["chosen"]) + len(rows[i]["rejected"]))[:SHORT_ROWS]
-    return write_jsonl(tmp_path_factory.mktemp("short") / "short.jsonl", [rows[i] for i in sorted(shortest)])
-
-
-def _command(data, out):
-    return [sys.executable, "-m", "ches_filter", "score", str(data), "-o", str(out),
-            "--checkpoint-every", str(CHECKPOINT), "--chunk-size", "4", "--keep-work-dir"]
+def _command(data, out, work, model):
+    return [sys.executable, "-m", "ches_filter", "prune", str(data), "--keep", "0.7", "-o", str(out),
+            "--work-dir", str(work), "--keep-work-dir", "--model", str(model),
+            "--checkpoint-every", str(CHECKPOINT), "--chunk-size", "5"]
 
 
 def _env():
@@ -211,46 +204,53 @@ def _env():
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_gives_the_uninterrupted_output(tmp_path, short_hh):
-    reference = tmp_path / "reference.parquet"
-    done = subprocess.run(_command(short_hh, reference), env=_env(), capture_output=True, text=True, timeout=600)
+def test_sigkill_then_rerun_gives_the_uninterrupted_output(tmp_path, tiny_model_dir):
+    """One killed run checks both: the resumed `prune` writes the uninterrupted run's records byte for byte,
+    and the parts under it are the uninterrupted run's scores, with the parts that survived reused untouched
+    and exactly the other rows scored (the same parts `score` writes: tests/test_pipeline.py)."""
+    data = write_jsonl(tmp_path / "hh.jsonl", read_hh(KILL_ROWS))
+    reference, ref_work = tmp_path / "reference.jsonl", WorkDir(str(tmp_path / "ref-work"))
+    done = subprocess.run(_command(data, reference, ref_work.path, tiny_model_dir), env=_env(), capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    out = tmp_path / "killed.parquet"
-    work = WorkDir(str(out) + ".parts")
-    proc = subprocess.Popen(_command(short_hh, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out, work = tmp_path / "kept.jsonl", WorkDir(str(tmp_path / "work"))
+    proc = subprocess.Popen(_command(data, out, work.path, tiny_model_dir), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while not work.scan_parts() and time.time() < deadline and proc.poll() is None:
+        while len(work.scan_parts()) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     survived = {key: os.stat(path) for key, path in work.scan_parts().items()}
-    total_parts = -(-SHORT_ROWS // CHECKPOINT)
+    total_parts = -(-KILL_ROWS // CHECKPOINT)
     assert 1 <= len(survived) < total_parts
     assert not out.exists(), "a killed run must not leave an output that looks complete"
 
-    rerun = subprocess.run(_command(short_hh, out), env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_command(data, out, work.path, tiny_model_dir), env=_env(), capture_output=True, text=True,
+                           timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming: {len(survived)} of {total_parts} parts" in rerun.stderr
+    assert out.read_bytes() == reference.read_bytes()
 
-    final, ref = read(out), read(reference)
-    assert final.equals(ref), "resumed scores differ from the uninterrupted run"
-    meta, ref_meta = (json.loads(t.schema.metadata[b"ches_filter"]) for t in (final, ref))
-    assert meta == ref_meta
-    assert final.column("row_index").to_pylist() == list(range(SHORT_ROWS))
+    # The scores under it: part for part (so row for row, in order) the uninterrupted run's, bit for bit.
+    parts, ref_parts = work.scan_parts(), ref_work.scan_parts()
+    assert sorted(parts) == sorted(ref_parts) == [(a, min(a + CHECKPOINT, KILL_ROWS)) for a in range(0, KILL_ROWS, CHECKPOINT)]
+    for key in parts:
+        assert read(parts[key]).equals(read(ref_parts[key])), f"resumed scores of rows {key} differ"
 
     # No pair scored twice: the parts that survived the kill were reused as they were,
     # and the rerun scored exactly the rows they did not cover.
     for key, before in survived.items():
-        after = os.stat(work.scan_parts()[key])
+        after = os.stat(parts[key])
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     last = stats(work.path)[-1]
     assert last["parts_skipped"] == len(survived)
     assert last["parts_written"] == total_parts - len(survived)
-    assert last["rows_scored"] == SHORT_ROWS - sum(b - a for a, b in survived)
+    assert last["rows_scored"] == KILL_ROWS - sum(b - a for a, b in survived)
     assert last["finished"] is True
 
 
