@@ -47,7 +47,7 @@ def _validate(tmp_path, name, lm, tokenizer, **config):
 
     loaded = LoadedModel(decoder=lm, tokenizer=tokenizer, device=torch.device("cpu"), dtype=torch.float32,
                          info={"model": "tiny-gpt2", "max_position_embeddings": 4096})
-    settings = dict(by="ches", subsets="top,bottom", subset_size=3, eval_size=2, batch_size=3, lr=1e-3)
+    settings = dict(by="ln_ches", subsets="top,bottom", subset_size=3, eval_size=2, batch_size=3, lr=1e-3)
     settings.update(config)
     summary = run_validate(str(EXAMPLE_HH), str(tmp_path / name), ValidateConfig(**settings),
                            ScoreConfig(quiet=True, max_batch_tokens=4096), scores=str(GOLDEN), model=loaded)
