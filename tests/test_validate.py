@@ -17,21 +17,10 @@ from ches_filter.errors import BadDataError, BadFlagError
 from ches_filter.logprobs import pair_logprobs, packed_is_exact
 from ches_filter.validate import dpo_loss, plan_subsets
 
-from conftest import EXAMPLE_HH
+from conftest import EXAMPLE_HH, tiny_causal_llama
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "hh300_scores.parquet"
 _THREADS = torch.get_num_threads()
-
-
-def tiny_causal_llama(dtype=torch.float32, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
 
 
 def tiny_causal_gemma3(seed=0):
