@@ -117,7 +117,7 @@ def check_validate_128k(args: argparse.Namespace) -> str:
 
 def check_oom(args: argparse.Namespace) -> str:
     if args.dry:
-        return "SKIP: capping memory needs CUDA (the injected-OOM tests in tests/test_gpu_ready.py run here)"
+        return "SKIP: capping memory needs CUDA (the injected-OOM tests in tests/test_memory.py run here)"
     import torch
 
     total = torch.cuda.get_device_properties(0).total_memory

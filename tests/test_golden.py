@@ -56,8 +56,9 @@ from click.testing import CliRunner
 
 from ches_filter.cli import main
 
+from conftest import GOLDEN
+
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
 SAMPLE = REPO / "examples" / "data" / "hh_rlhf_harmless_300.jsonl"
 MEASURES = "ches,ln_ches,last_hidden_ip,edit_distance"
 

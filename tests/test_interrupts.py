@@ -13,9 +13,8 @@ from click.testing import CliRunner
 from ches_filter import atomic
 from ches_filter.cli import main
 
-from conftest import EXAMPLE_HH, REPO
+from conftest import EXAMPLE_HH, GOLDEN
 
-GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
 
 
 @pytest.fixture

@@ -12,9 +12,8 @@ import torch
 
 from ches_filter.config import ScoreConfig, ValidateConfig
 
-from conftest import EXAMPLE_HH, one_error_line, pairs_of, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
+from conftest import EXAMPLE_HH, GOLDEN, one_error_line, pairs_of, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "hh300_scores.parquet"
 
 
 

@@ -16,9 +16,8 @@ from ches_filter import paths, records
 from ches_filter.errors import BadFlagError
 from ches_filter.sources import read_dataset
 
-from conftest import EXAMPLE_HH, HH_PAIR, PAIRS, REPO, THREE_HH_PAIRS, invoke, listing, make_scores, one_error_line, run_score, snapshot, write_bytes, write_jsonl, write_lines
+from conftest import EXAMPLE_HH, GOLDEN, HH_PAIR, PAIRS, THREE_HH_PAIRS, invoke, listing, make_scores, one_error_line, run_score, snapshot, write_bytes, write_jsonl, write_lines
 
-GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
 
 
 

@@ -11,9 +11,8 @@ import shutil
 import pytest
 
 
-from conftest import EXAMPLE_HH, REPO, example_rows, invoke, snapshot, write_jsonl
+from conftest import EXAMPLE_HH, GOLDEN, example_rows, invoke, snapshot, write_jsonl
 
-GOLDEN = REPO / "tests" / "golden" / "hh300_scores.parquet"
 
 
 
