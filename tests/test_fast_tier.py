@@ -98,11 +98,3 @@ def tiny_model_dir():
     # Without `-m "not slow"` the guard stands aside (the same tests would run for real: run only the safe one).
     plain = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-q", "-k", "tiny_model_is_fine")
     assert plain.parseoutcomes().get("passed") == 1
-
-
-# --------------------------------------------------------------------------
-# score -> prune -> report through the CLI, on a tiny random model
-# --------------------------------------------------------------------------
-# --------------------------------------------------------------------------
-# List-wise encoding with the embedded tokenizer (tests/test_encoding.py runs more, slow)
-# --------------------------------------------------------------------------

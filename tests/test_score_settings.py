@@ -14,93 +14,6 @@ import pytest
 from conftest import EXAMPLE_HH, GOLDEN, example_rows, invoke, snapshot, write_jsonl
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------
-# 1 / 13: one output overwritten through another spelling of the same path
-# --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------
-# 2: JSON lines output holds exactly the values the input held
-# --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------
-# 3: a directory is read whole, or refused; no file is skipped unannounced
-# --------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
 # --------------------------------------------------------------------------
 # 4: scoring flags given with --scores must match the score file
 # --------------------------------------------------------------------------
@@ -215,10 +128,3 @@ def test_tiny_model_scores_refuse_another_model_and_accept_their_own(tmp_path, t
     for bad, flag in ((["--model", "other/model"], "--model"), (["--max-length", "299"], "--max-length")):
         result = invoke(*base, *bad)
         assert result.exit_code == 2 and f"`{flag}`" in result.output, (bad, result.output)
-
-
-# --------------------------------------------------------------------------
-# report with no scored rows
-# --------------------------------------------------------------------------
-
-
