@@ -198,7 +198,6 @@ def example_rows(n, start=0):
     return [json.loads(x) for x in EXAMPLE_HH.read_text(encoding="utf-8").splitlines()[start:start + n]]
 
 
-
 def write_bytes(path, payload: bytes):
     """Write raw bytes (for broken encodings and cut files) and return ``path``."""
     path.write_bytes(payload)

@@ -17,8 +17,6 @@ from ches_filter.cli import main
 from conftest import EXAMPLE_HH, invoke, read_hh
 
 
-
-
 def test_top_level_help():
     result = invoke("--help")
     assert result.exit_code == 0

@@ -8,8 +8,6 @@ import re
 import pytest
 
 
-
-
 def _mapped(files):
     """``[(start, stop, rss_kb)]`` of this process's mappings of ``files`` (from /proc/self/smaps)."""
     out = []

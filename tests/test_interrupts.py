@@ -16,7 +16,6 @@ from ches_filter.cli import main
 from conftest import EXAMPLE_HH, GOLDEN
 
 
-
 @pytest.fixture
 def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -15,9 +15,6 @@ from ches_filter.config import ScoreConfig, ValidateConfig
 from conftest import EXAMPLE_HH, GOLDEN, one_error_line, pairs_of, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
 
 
-
-
-
 def _dropout_rates(lm) -> list[float]:
     return [m.p for m in lm.modules() if isinstance(m, torch.nn.Dropout)]
 
@@ -69,8 +66,6 @@ def test_validate_with_gradient_checkpointing_gives_the_same_dlogp_on_a_model_wi
     assert any(abs(x) > 1e-3 for x in a)  # training moved something
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert plain.column("logp_chosen_before").to_pylist() == checkpointed.column("logp_chosen_before").to_pylist()
-
-
 
 
 def random_pairs(n, seed=1, vocab=96):
@@ -233,18 +228,6 @@ def test_displacement_absorbs_out_of_memory_in_first_order_and_real_steps(embedd
     assert set(_dropout_rates(lm)) == {0.1}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def test_the_head_check_raises_what_the_model_raises():
     """The head-exactness check no longer reads an error (out of memory, a kernel refusing a dtype) as "not exact"."""
     from ches_filter.logprobs import head_is_exact
@@ -335,8 +318,6 @@ def test_validate_refuses_a_model_that_cannot_fit_before_reading_anything(tmp_pa
     line = one_error_line(result)
     assert "does not fit on cpu for validate" in line and "B parameters x 16 bytes" in line and "GiB are free" in line
     assert not out.exists()
-
-
 
 
 @pytest.mark.parametrize("workers", [1, 2])

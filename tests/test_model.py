@@ -163,12 +163,6 @@ def test_remote_code_needs_the_flag_and_never_runs_without_it(tmp_path, tiny_mod
 GOOD = {"prompt": "What is 2 + 2?", "chosen": "It is 4.", "rejected": "It is 5."}
 
 
-
-
-
-
-
-
 @pytest.fixture
 def data(tmp_path):
     return write_jsonl(tmp_path / "d.jsonl", [GOOD] * 3)

@@ -19,16 +19,9 @@ from ches_filter.sources import read_dataset
 from conftest import EXAMPLE_HH, GOLDEN, HH_PAIR, PAIRS, THREE_HH_PAIRS, invoke, listing, make_scores, one_error_line, run_score, snapshot, write_bytes, write_jsonl, write_lines
 
 
-
-
-
-
-
 def hh_rows(n: int) -> list[str]:
     with open(EXAMPLE_HH, encoding="utf-8") as handle:
         return [next(handle) for _ in range(n)]
-
-
 
 
 def tree(path) -> dict[str, str]:
@@ -317,17 +310,7 @@ def test_output_name_that_is_not_utf8_is_refused_in_one_line(tmp_path, monkeypat
 # ---------------------------------------------------------------- --id-column
 
 
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------- content that is not text
-
-
 
 
 def test_output_never_replaces_the_input(tmp_path, tiny_model_dir):

@@ -73,8 +73,6 @@ def test_flash_attention_policy(device, weights, autocast, refused):
         assert refused in got and "\n" not in got and "`sdpa`" in got
 
 
-
-
 def test_flash_attention_that_cannot_run_is_one_line_before_anything_is_written(tmp_path, tiny_model_dir):
     from click.testing import CliRunner
 

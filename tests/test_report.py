@@ -82,8 +82,6 @@ def score_table(data, measure_fn=None):
     return table.replace_schema_metadata({b"ches_filter": json.dumps(meta).encode()})
 
 
-
-
 def write_scores(path: Path, table) -> Path:
     import pyarrow.parquet as pq
 

@@ -112,8 +112,6 @@ def test_score_table_must_be_complete():
         select_rows(t.drop(["ln_ches"]), PruneConfig(keep=0.5))
 
 
-
-
 @pytest.mark.parametrize("by", ["ln_ches", "ches"])
 def test_prune_on_scores_without_the_measure_is_one_clear_error(tmp_path, scored_without_ches, by):
     data, scores = scored_without_ches

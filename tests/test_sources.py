@@ -33,12 +33,6 @@ def _private_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
 
 
-
-
-
-
-
-
 # ---------------------------------------------------------------- input kinds
 
 
@@ -293,44 +287,10 @@ def test_bad_csv_is_wrapped(tmp_path):
 # ------------------------------------------------------------- output checks
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------- writing
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 # ------------------------------------------------------------ tables + meta
-
-
-
-
-
-
-
-
-
-
 
 
 def test_non_utf8_line_is_named(tmp_path, tiny_model_dir):
@@ -380,8 +340,6 @@ def test_duplicate_csv_column_keeps_every_row(tmp_path, tiny_model_dir):
     result = run_score(path, tmp_path / "s.parquet", tiny_model_dir)
     assert check_outcome(result, path, tmp_path / "s.parquet", 4) == "refused"
     assert "the column `chosen` twice" in result.output
-
-
 
 
 def test_directory_mixing_jsonl_and_parquet_is_refused_naming_both(tmp_path):

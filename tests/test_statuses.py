@@ -125,10 +125,6 @@ def encode(rows, damage, draw_int):
 # --------------------------------------------------------------------------
 
 
-
-
-
-
 @pytest.mark.slow  # 60 runs of the whole CLI; the fast tier runs a few (below)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(rows=ROWS, damage=DAMAGE, data=st.data())
@@ -162,20 +158,6 @@ def _score_hostile(model_dir, rows, damage, data, note=False):
 GOOD = {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"}
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def test_real_rows_with_empty_turns_get_statuses(tmp_path, tiny_model_dir):
     """The HH file's own damaged rows (empty last turns, diverging prompts) keep a named status."""
     rows = read_hh()
@@ -192,12 +174,6 @@ def test_real_rows_with_empty_turns_get_statuses(tmp_path, tiny_model_dir):
 # --------------------------------------------------------------------------
 # Safety: remote code, overwriting, atomic output
 # --------------------------------------------------------------------------
-
-
-
-
-
-
 
 
 ALL_MEASURES = "ches,ln_ches,last_hidden_ip,edit_distance"

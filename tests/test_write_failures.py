@@ -17,8 +17,6 @@ from conftest import invoke, read_hh
 pytestmark = pytest.mark.slow
 
 
-
-
 def temporaries(root) -> list[str]:
     return [os.path.join(b, n) for b, _, files in os.walk(root) for n in files if ".tmp-" in n]
 
