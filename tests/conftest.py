@@ -511,3 +511,19 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = violations[0] + " (the error was caught by the code under test)"
     return report
+
+
+def random_pairs(n, seed=1, vocab=96):
+    """Up to six encoded pairs of fixed shapes with random ids below ``vocab``."""
+    import torch
+
+    from ches_filter.batching import EncodedPair
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(k):
+        return tuple(torch.randint(4, vocab, (k,), generator=gen).tolist())
+
+    # Prompts longer than the window, responses of different lengths, one response that is only its final token.
+    shapes = [(20, 7, 3), (5, 12, 9), (13, 1, 4), (30, 9, 15), (9, 4, 4), (17, 2, 11)]
+    return [EncodedPair(draw(p), draw(c), draw(r)) for p, c, r in shapes[:n]]

@@ -12,7 +12,7 @@ import torch
 
 from ches_filter.config import ScoreConfig, ValidateConfig
 
-from conftest import EXAMPLE_HH, GOLDEN, one_error_line, pairs_of, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
+from conftest import EXAMPLE_HH, GOLDEN, one_error_line, pairs_of, random_pairs, read_hh, tiny_causal_llama, tiny_gpt2, tiny_llama
 
 
 def _dropout_rates(lm) -> list[float]:
@@ -66,18 +66,6 @@ def test_validate_with_gradient_checkpointing_gives_the_same_dlogp_on_a_model_wi
     assert any(abs(x) > 1e-3 for x in a)  # training moved something
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     assert plain.column("logp_chosen_before").to_pylist() == checkpointed.column("logp_chosen_before").to_pylist()
-
-
-def random_pairs(n, seed=1, vocab=96):
-    from ches_filter.batching import EncodedPair
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(k):
-        return tuple(torch.randint(4, vocab, (k,), generator=gen).tolist())
-
-    shapes = [(20, 7, 3), (5, 12, 9), (13, 1, 4), (30, 9, 15), (9, 4, 4), (17, 2, 11)]
-    return [EncodedPair(draw(p), draw(c), draw(r)) for p, c, r in shapes[:n]]
 
 
 @pytest.mark.parametrize("packed", [True, False])

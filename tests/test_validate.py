@@ -12,14 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ches_filter.batching import EncodedPair
 from ches_filter.cli import main
 from ches_filter.config import ScoreConfig, ValidateConfig
 from ches_filter.errors import BadDataError, BadFlagError
 from ches_filter.logprobs import pair_logprobs, packed_is_exact
 from ches_filter.validate import dpo_loss, plan_subsets
 
-from conftest import EXAMPLE_HH, GOLDEN, REPO, tiny_causal_llama
+from conftest import EXAMPLE_HH, GOLDEN, REPO, random_pairs, tiny_causal_llama
 
 _THREADS = torch.get_num_threads()
 
@@ -37,17 +36,6 @@ def tiny_causal_gemma3(seed=0):
     model = Gemma3ForCausalLM(config).eval()
     model.config._attn_implementation = "sdpa"
     return model
-
-
-def random_pairs(n, seed=1, vocab=96):
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(k):
-        return tuple(torch.randint(4, vocab, (k,), generator=gen).tolist())
-
-    # Prompts longer than the window, responses of different lengths, one response that is only its final token.
-    shapes = [(20, 7, 3), (5, 12, 9), (13, 1, 4), (30, 9, 15), (9, 4, 4), (17, 2, 11)]
-    return [EncodedPair(draw(p), draw(c), draw(r)) for p, c, r in shapes[:n]]
 
 
 @pytest.mark.parametrize("build", [tiny_causal_llama, tiny_causal_gemma3], ids=["llama", "gemma3-sliding"])
