@@ -27,12 +27,14 @@ from .batching import SpecialRows
 from .config import JobConfig, PruneConfig, ScoreConfig
 from .errors import BadFlagError
 from .inputs import check_scores_belong, hash_rows, load_input, load_records
-from .scorefile import METADATA_KEY, read_table
 from .model import ModelState, as_loaded_model
 from .run import score_to_table
 from .run.topology import Topology, part_grid, select_device
+from .scorefile import METADATA_KEY, read_table
 from .scoring import build_scorer, load_kwargs, merge_counts, status_counts, table_metadata
 from .select import PruneResult, select_rows
+
+# pyarrow and tqdm are imported in the functions that use them: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 

@@ -10,18 +10,43 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
+from .api import prune_pairs
 from .batching import SPECIAL_TOKEN_MODES, TOKEN_LAYOUTS
-from .config import ATTN_IMPLEMENTATIONS, DEFAULT_CHECKPOINT_EVERY, DTYPES, JobConfig, PruneConfig, ScoreConfig
+from .config import (
+    ATTN_IMPLEMENTATIONS,
+    DEFAULT_CHECKPOINT_EVERY,
+    DTYPES,
+    DisplacementConfig,
+    JobConfig,
+    PruneConfig,
+    ReportConfig,
+    ScoreConfig,
+    ValidateConfig,
+)
+from .displacement import format_summary, measure_displacement
 from .errors import BadDataError, ChesFilterError
 from .formats import LAYOUTS
 from .measures import DEFAULT_MEASURES, MEASURES
+from .model import check_cache_root, check_model_source
+from .paths import check_paths, output_kind
+from .report import build_report, require_matplotlib, terminal_summary
+from .run import WorkDir, default_work_dir, merge_work_dir, score_to_file, torchrun_rank
+from .scorefile import parse_metadata, write_table
+from .scoring import table_metadata
+from .select import check_score_settings
 from .strategies import ENGINE_CHOICES, STRATEGIES
+from .validate import run_validate
+
+# transformers, datasets and pyarrow are imported in the functions that use them: `ches-filter --help` stays instant.
 
 logger = logging.getLogger("ches_filter")
 
@@ -64,9 +89,6 @@ def _terminate_like_interrupt() -> Any:
 
     Only in the main thread (where Python delivers signals); None elsewhere.
     """
-    import signal
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return None
 
@@ -95,8 +117,6 @@ def _guarded(fn: Callable) -> Callable:
             sys.exit(130)
         finally:
             if previous is not None:
-                import signal
-
                 signal.signal(signal.SIGTERM, previous)
 
     return wrapper
@@ -144,8 +164,6 @@ def score_options(fn: Callable) -> Callable:
 
 def _check_model_early(config: ScoreConfig) -> None:
     """Refuse a wrong ``--model`` path or ``CHES_FILTER_CACHE`` before the input is read (milliseconds)."""
-    from .model import check_cache_root, check_model_source
-
     if check_model_source(config.model) is not None:
         check_cache_root()
 
@@ -157,8 +175,6 @@ def _split(kwargs: dict, cls: type) -> tuple[Any, dict]:
 
 def _explicit(ctx: click.Context, cls: type) -> list[str]:
     """The ``cls`` fields whose option the user gave (not left at its default)."""
-    from click.core import ParameterSource
-
     defaults = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
     return [name for name in cls.__dataclass_fields__ if ctx.get_parameter_source(name) not in defaults]
 
@@ -184,8 +200,6 @@ def main() -> None:
 def _special_rows(output: str) -> int:
     """``special_token_rows`` recorded in a written score file's metadata (0 when absent)."""
     import pyarrow.parquet as pq
-
-    from .scorefile import parse_metadata
 
     try:
         return int(parse_metadata(pq.read_schema(output).metadata, output).get("special_token_rows") or 0)
@@ -233,16 +247,12 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
     command after a crash to continue. Data parallel:
     `torchrun --nproc_per_node N -m ches_filter score ...`; see docs/distributed.md.
     """
-    from .run import torchrun_rank
-
     config, rest = _build(ScoreConfig, kwargs)
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     # Only rank 0 talks; the others report warnings and errors.
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
     _check_model_early(config)
-    from .paths import check_paths, output_kind
-    from .run import default_work_dir, score_to_file
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
@@ -278,8 +288,6 @@ def score(input: str, output: str, overwrite: bool, verbose: bool, **kwargs: Any
 def merge(work_dir: str, output: str, overwrite: bool, keep_work_dir: bool, quiet: bool, verbose: bool) -> None:
     """Join the parts that `score --num-shards K --shard-index I` jobs wrote to WORK_DIR into OUTPUT."""
     _setup_logging(quiet, verbose)
-    from .paths import check_paths, output_kind
-    from .run import merge_work_dir
 
     if not output.endswith(".parquet"):
         raise click.BadParameter(f"the score file must end in .parquet, got {output!r}", param_hint="'--output'")
@@ -313,17 +321,11 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
     Without --scores, INPUT is scored first through the same resumable pipeline as `score`
     (parts in OUTPUT.parts/; rerun the same command after a crash; runs under torchrun).
     """
-    from .run import torchrun_rank
-
     prune_config, rest = _build(PruneConfig, kwargs)
     config, rest = _build(ScoreConfig, rest)
     job, _ = _build(JobConfig, rest)
     rank = torchrun_rank()
     _setup_logging(config.quiet or (rank != 0 and not verbose), verbose)
-    from .paths import check_paths, output_kind
-    from .run import default_work_dir
-    from .api import prune_pairs
-    from .select import check_score_settings
 
     if scores is not None and job.work_dir is not None:
         raise click.BadParameter("`--work-dir` holds the parts of a scoring run; with `--scores` nothing is scored, so leave it out", param_hint="'--work-dir'")
@@ -338,8 +340,6 @@ def prune(input: str, output: str, scores: str | None, rejects: str | None, over
         ctx = click.get_current_context()
         check_score_settings(scores, config, _explicit(ctx, ScoreConfig))
     else:
-        from .run import WorkDir
-
         WorkDir(work_dir).check_shape()  # a foreign directory is refused before the input is read
         _check_model_early(config)
     result = prune_pairs(input, prune_config, scores=scores, score_config=config, job=job, output=output)
@@ -381,11 +381,8 @@ def report(scores: str, output: str, data: str | None, validate_dir: str | None,
 
     Needs matplotlib: pip install 'ches-filter[report]'.
     """
-    from .config import ReportConfig
-
     config, _ = _build(ReportConfig, kwargs)
     _setup_logging(quiet, verbose)
-    from .report import build_report, require_matplotlib, terminal_summary
 
     require_matplotlib()
     summary = build_report(scores, output, config, data=data, overwrite=overwrite, validate=validate_dir)
@@ -414,15 +411,9 @@ def displacement(input: str, output: str | None, overwrite: bool, verbose: bool,
     pairs. Loads the model with its LM head; --dtype auto means float32 here. Every measure is
     computed; `--measures` and the batching options of `score` do not apply.
     """
-    from .config import DisplacementConfig
-
     probe_config, rest = _build(DisplacementConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
-    from .paths import check_paths
-    from .scorefile import write_table
-    from .displacement import format_summary, measure_displacement
-    from .scoring import table_metadata
 
     _check_model_early(config)
     if output is not None:
@@ -468,16 +459,12 @@ def validate(input: str, output: str, scores: str | None, overwrite: bool, verbo
     OUTPUT/scores.parquet) unless --scores is given. The policy is float32 (--dtype bfloat16 runs
     under autocast with float32 weights). See docs/validate.md.
     """
-    from .config import ValidateConfig
-
     validate_config, rest = _build(ValidateConfig, kwargs)
     config, _ = _build(ScoreConfig, rest)
     _setup_logging(config.quiet, verbose)
     if scores is not None:  # the same check as prune --scores, before anything is written
-        from .select import check_score_settings
 
         check_score_settings(scores, config, _explicit(click.get_current_context(), ScoreConfig), command="validate")
-    from .validate import run_validate
 
     summary = run_validate(input, output, validate_config, config, scores=scores, overwrite=overwrite)
     for line in summary["table"]:

@@ -30,11 +30,18 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from . import __version__
-from .batching import EncodedPair
+from .batching import EncodedPair, PairEncoder
 from .config import DisplacementConfig, ScoreConfig
 from .errors import BadDataError, BadFlagError
-from .formats import LAYOUTS
-from .measures import MEASURES
+from .formats import LAYOUTS, normalize_row
+from .inputs import load_input, source_name
+from .logprobs import HEAD_CHUNK_ELEMENTS, packed_is_exact, pair_logprobs, shrink_head_chunk
+from .measures import MEASURES, last_hidden_ip, normalized_edit_distance
+from .model import ModelState, flash_attention_problem, load_model
+from .scorefile import with_metadata
+from .stats import rank_correlation
+
+# torch, pyarrow, numpy and tqdm are imported in the functions that use them: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +99,6 @@ class PairProbe:
         self.lm = lm
         self.base = lm.base_model
         self.device = torch.device(device)
-        from .model import ModelState
 
         # No dropout: the gradient must be that of the deterministic model. `self.state.restore()` gives the
         # model back as it came (train/eval flags, dropout rates, requires_grad).
@@ -100,19 +106,15 @@ class PairProbe:
         self.params = [p for p in lm.parameters() if p.is_floating_point()]
         for p in self.params:
             p.requires_grad_(True)
-        from .logprobs import packed_is_exact
 
         #: log-probs from one tree-masked row per pair where the scoring engine's self-check says it is exact.
         self.packed = packed_is_exact(lm, self.device)
-        from .logprobs import HEAD_CHUNK_ELEMENTS
 
         #: logits per LM-head chunk (halved by :meth:`shrink_head` after an out-of-memory error).
         self.head_elements = HEAD_CHUNK_ELEMENTS
 
     def shrink_head(self) -> bool:
         """Halve the LM-head chunk after one pair ran out of memory (:func:`~ches_filter.logprobs.shrink_head_chunk`)."""
-        from .logprobs import shrink_head_chunk
-
         return shrink_head_chunk(self)
 
     def retry_on_oom(self, fn: Any, tokens: int) -> Any:
@@ -123,7 +125,7 @@ class PairProbe:
         first), with :meth:`shrink_head`, until they fit or nothing is left to
         shrink (a one-line error naming the pair's size).
         """
-        from .engine import TokenBudget, is_oom
+        from .engine import TokenBudget, is_oom  # lazy: engine.py imports torch
 
         budget = TokenBudget(tokens, self.device)
         while True:
@@ -150,8 +152,6 @@ class PairProbe:
         return SideOutput(out.chosen[0], out.hidden_chosen[0])
 
     def _logprobs(self, pairs: Sequence[Any], *, grad: bool, hidden: bool = False) -> Any:
-        from .logprobs import pair_logprobs
-
         return pair_logprobs(self.lm, pairs, packed=self.packed, grad=grad, hidden=hidden, device=self.device,
                              head_elements=self.head_elements)
 
@@ -170,8 +170,7 @@ class PairProbe:
         """
         import torch
 
-        from .ches import ches_from_sums, ln_ches_from_sums
-        from .measures import last_hidden_ip, normalized_edit_distance
+        from .ches import ches_from_sums, ln_ches_from_sums  # lazy: ches.py imports torch
 
         plus = self.side(prompt, chosen, grad=True)
         g_plus = self._grad(plus.logp)
@@ -335,8 +334,6 @@ def _sample(ds: Any, layout: str, columns: Any, encoder: Any, config: Displaceme
     """Up to ``config.sample`` scorable ``(row, Pair, EncodedPair)``, drawn uniformly with ``config.seed``; sorted by row."""
     import numpy as np
 
-    from .formats import normalize_row
-
     order = np.random.default_rng(config.seed).permutation(len(ds))
     picked: list[tuple[int, Any, Any]] = []
     skipped: dict[str, int] = {}
@@ -408,8 +405,6 @@ def measure_displacement(
         The schema metadata (``ches_filter``) holds the settings and the
         :func:`displacement_summary`.
     """
-    from .inputs import load_input
-
     config = config or DisplacementConfig()
     score_config = score_config or ScoreConfig()
     watch = dict(watch or {})
@@ -442,8 +437,6 @@ def _check_names(watch: dict[str, str], score_config: ScoreConfig) -> None:
 
 def _probe_model(model: Any, score_config: ScoreConfig) -> Any:
     """``model``, or the one ``score_config`` names loaded with its LM head (``dtype auto`` as float32); checked usable."""
-    from .model import flash_attention_problem, load_model
-
     if model is None:
         model = load_model(
             score_config.model,
@@ -466,8 +459,6 @@ def _probe_model(model: Any, score_config: ScoreConfig) -> Any:
 
 def _encoder(model: Any, score_config: ScoreConfig, layout: str) -> Any:
     """The :class:`~ches_filter.batching.PairEncoder` of the token layout; refuses conversations without a chat template."""
-    from .batching import PairEncoder
-
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout,
         on_special_tokens=score_config.on_special_tokens,
@@ -525,9 +516,6 @@ def _result_table(records: list[dict], picked: list, data: Any, ds: Any, layout:
     """The records as a ``pyarrow.Table`` (ids from the input), with the settings and summary as metadata."""
     import pyarrow as pa
 
-    from .inputs import source_name
-    from .scorefile import with_metadata
-
     step_columns = ("dlogp_chosen", "dlogp_rejected", "step_rounding_error")
     names = ["row_index"] + [c for c in DISPLACEMENT_COLUMNS if config.steps or c not in step_columns]
     if config.steps:
@@ -573,8 +561,6 @@ def displacement_summary(table: Any, *, steps: int = 0) -> dict:
     (``-edit_distance``). A pair is displaced when its chosen log-likelihood
     falls (``D < 0``, or ``dlogp_chosen < 0``).
     """
-    from .stats import rank_correlation
-
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
     n = table.num_rows
     targets = [("first_order", [-v for v in cols["first_order_dlogp_chosen"]])]

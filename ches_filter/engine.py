@@ -53,8 +53,10 @@ import torch
 
 from .batching import EncodedPair, token_budget_batches
 from .ches import gather_sums
-from .errors import BadFlagError
+from .errors import BadFlagError, OutOfMemoryError
 from .strategies import ENGINE_CHOICES, STRATEGIES
+
+# transformers is imported in the functions that use it: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +171,6 @@ class TokenBudget:
             return
         if shrink is not None and shrink():
             return
-        from .errors import OutOfMemoryError
 
         raise OutOfMemoryError(
             f"one pair of {tokens} tokens does not fit in memory; lower `--max-length`"

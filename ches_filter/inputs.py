@@ -9,6 +9,7 @@ Nothing here loads a model or imports torch.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -18,6 +19,10 @@ from typing import Any, Iterator
 from .config import ScoreConfig
 from .errors import BadDataError
 from .formats import Columns, detect_layout, required_columns, used_columns
+from .records import from_dataset
+from .sources import open_records
+
+# datasets is imported in the functions that use it: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +74,6 @@ class PageReleaser:
         self.madvise = None
         if self.files and os.path.exists("/proc/self/maps"):
             try:
-                import ctypes
-
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
                 self.madvise = libc.madvise
@@ -130,9 +133,6 @@ def load_records(data: Any, config: ScoreConfig) -> tuple[Any, str, Columns]:
     may vary in shape from row to row, and a selection writes them back as they were.
     """
     import datasets
-
-    from .sources import open_records
-    from .records import from_dataset
 
     columns = config_columns(config)
     wanted = [columns.prompt, columns.chosen, columns.rejected] + ([columns.id] if columns.id else [])

@@ -36,6 +36,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+# torch is imported in the functions that use it: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["PairLogProbs", "pair_logprobs", "packed_is_exact", "HEAD_CHUNK_ELEMENTS", "head_chunk_positions", "head_peak_bytes"]
@@ -87,7 +89,7 @@ class PairLogProbs:
 
 def packed_is_exact(lm: Any, device: Any) -> bool:
     """Whether the packed path is exact for this model: the scoring engine's own choice and self-check."""
-    from .engine import Engine
+    from .engine import Engine  # lazy: engine.py imports torch
 
     return Engine(lm, device, strategy="auto", workers=1).strategy == "packed"
 
@@ -319,7 +321,7 @@ def _predicting(start: int, branch: int, resp: Sequence[int]) -> list[int]:
 
 def _packed_rows(lm: Any, pairs: Sequence[Any], device: Any, pad_token_id: int, autocast_dtype: Any) -> _Rows:
     """One row per pair, ``[P | R+[:-1] | R-[:-1]]``, with the engine's tree mask and restarted positions."""
-    from .engine import packed_rows, sliding_window, tree_mask
+    from .engine import packed_rows, sliding_window, tree_mask  # lazy: engine.py imports torch
 
     ids, tags, positions = packed_rows(pairs, pad_token_id)
     config = lm.config

@@ -35,6 +35,8 @@ from .registry import Registry
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+# torch is imported in the functions that use it: `ches-filter --help` stays instant.
+
 __all__ = [
     "Measure", "MeasureInput", "MEASURES", "DEFAULT_MEASURES", "risk_key", "compute_measures",
     "levenshtein", "normalized_edit_distance", "last_hidden_ip",
@@ -134,13 +136,13 @@ def last_hidden_ip(last_chosen: "torch.Tensor", last_rejected: "torch.Tensor") -
     Returns:
         ``(N,)`` float64 ``<h+_last, h-_last>``.
     """
-    from .ches import inner_product
+    from .ches import inner_product  # lazy: ches.py imports torch
 
     return inner_product(last_chosen, last_rejected)
 
 
 def _ches(x: MeasureInput) -> list[float]:
-    from .ches import ches_from_sums
+    from .ches import ches_from_sums  # lazy: ches.py imports torch
 
     return ches_from_sums(x.states.s_chosen, x.states.s_rejected).tolist()
 
@@ -148,7 +150,7 @@ def _ches(x: MeasureInput) -> list[float]:
 def _ln_ches(x: MeasureInput) -> list[float]:
     import torch
 
-    from .ches import ln_ches_from_sums
+    from .ches import ln_ches_from_sums  # lazy: ches.py imports torch
 
     n_c = torch.tensor([len(c) for c in x.chosen])
     n_r = torch.tensor([len(r) for r in x.rejected])

@@ -38,6 +38,8 @@ from .atomic import atomic_paths, writing
 from .errors import BadDataError, ChesFilterError, reason
 from .paths import check_paths, output_kind
 
+# datasets, pyarrow and numpy are imported in the functions that use them: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 #: Rows per Arrow chunk of the scored columns.

@@ -23,19 +23,27 @@ import json
 import logging
 import math
 import os
+import stat
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from . import __version__
+from .atomic import atomic_path
 from .config import PruneConfig, ReportConfig, ScoreConfig
 from .errors import BadDataError, ChesFilterError
+from .formats import LAYOUTS, normalize_row
+from .inputs import check_scores_belong, load_input
 from .measures import MEASURES
+from .paths import check_paths, foreign_files
+from .scorefile import read_table
+from .scoring import scores_identity, table_metadata
 from .select import kept_count, rank_scored
+from .sources import open_records
 from .stats import as_float_array as _array
 from .stats import QUANTILES, describe, rank_correlation
+from .validate import ValidateSummary, table_rows
 
-if TYPE_CHECKING:
-    from .validate import ValidateSummary
+# pyarrow, numpy and matplotlib are imported in the functions that use them: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +100,6 @@ def _load_scores(scores: Any) -> _Scores:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from .scorefile import read_table
-    from .scoring import table_metadata
-
     if isinstance(scores, pa.Table):
         table, meta = scores, table_metadata(scores)
     else:
@@ -127,8 +132,6 @@ def summarize(scores: Any, config: ReportConfig | None = None) -> dict:
     Returns:
         The dict written to ``summary.json`` (JSON-serialisable).
     """
-    import numpy as np
-
     config = config or ReportConfig()
     loaded = scores if isinstance(scores, _Scores) else _load_scores(scores)
     cols = loaded.columns
@@ -382,11 +385,6 @@ def load_excerpts(data: Any, meta: dict, row_indices: Sequence[int], config: Rep
     Raises:
         BadDataError: ``data`` is not the input the scores belong to.
     """
-    from .formats import LAYOUTS, normalize_row
-    from .inputs import check_scores_belong, load_input
-
-    from .sources import open_records
-
     stored = meta.get("columns") or {}
     if isinstance(data, (str, os.PathLike)):
         # Only the pair columns are parsed: the other columns may be of any shape.
@@ -541,8 +539,6 @@ def render_html(scores: _Scores, summary: dict, images: dict[str, bytes], excerp
 # ------------------------------------------------------------------- driver
 def _regular_file(path: str, what: str) -> bool:
     """Whether ``path`` is a regular file; False when it is missing; BadDataError when it is something else."""
-    import stat
-
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -565,8 +561,6 @@ def read_validate_summary(validate_dir: str) -> "ValidateSummary":
             validate, or one whose fields have another shape than validate
             writes (the field named).
     """
-    from .validate import ValidateSummary
-
     what = f"`--validate` {validate_dir}"
     path = os.path.join(os.fspath(validate_dir), "summary.json")
     if not _regular_file(path, what):
@@ -586,8 +580,6 @@ def validate_section(validate_dir: str, summary: "ValidateSummary") -> str:
     Raises:
         BadDataError: a ``validate.png`` that is not a readable file.
     """
-    from .validate import table_rows
-
     what = f"`--validate` {validate_dir}"
     heads, cells = table_rows(summary.subsets)
     rows = [[f"<td>{_esc(c)}</td>" if i < 2 else f'<td class="num">{_esc(c)}</td>' for i, c in enumerate(row)]
@@ -615,8 +607,6 @@ REPORT_FILES = ("summary.json", "histogram.png", "length.png", "report.html")
 
 def _foreign_to_report(path: str) -> list[str]:
     """What the directory ``path`` holds besides a report's own files."""
-    from .paths import foreign_files
-
     return foreign_files(path, REPORT_FILES.__contains__)
 
 
@@ -627,8 +617,6 @@ def check_validate_belongs(validate_dir: str, summary: "ValidateSummary", loaded
     (:func:`~ches_filter.scoring.scores_identity`); a summary written before it
     did cannot be checked and is shown with a warning.
     """
-    from .scoring import scores_identity
-
     path = os.path.join(os.fspath(validate_dir), "summary.json")
     recorded = summary.scores_identity
     if recorded is None:
@@ -661,9 +649,6 @@ def build_report(scores: Any, output_dir: str, config: ReportConfig | None = Non
     Returns:
         The summary dict (also in ``summary.json``).
     """
-    from .atomic import atomic_path
-    from .paths import check_paths
-
     config = config or ReportConfig()
     require_matplotlib()
     inputs = {name: os.fspath(s) for name, s in (("SCORES", scores), ("--data", data)) if isinstance(s, (str, os.PathLike))}

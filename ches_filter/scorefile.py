@@ -15,6 +15,8 @@ from .paths import check_output_path
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import pyarrow
 
+# pyarrow is imported in the functions that use it: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 

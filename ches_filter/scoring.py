@@ -17,7 +17,6 @@ disk as a checkpoint part. This module imports neither :mod:`api` nor
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,9 @@ from .formats import LAYOUTS, ROW_STATUSES, Columns, Pair, normalize_row, used_c
 from .inputs import PageReleaser, source_name
 from .measures import MEASURES, MeasureInput, compute_measures
 from .model import load_model
-from .scorefile import FLAG_COLUMNS, HEAD_COLUMNS, TAIL_COLUMNS, own_columns
+from .scorefile import FLAG_COLUMNS, HEAD_COLUMNS, TAIL_COLUMNS, own_columns, parse_metadata
+
+# pyarrow is imported in the functions that use it: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class PairScorer:
     """
 
     def __init__(self, ds: Any, layout: str, columns: Columns, config: ScoreConfig, model: Any) -> None:
-        from .engine import Engine  # imports torch: config.py imports this module while the CLI parses flags
+        from .engine import Engine  # lazy: engine.py imports torch
 
         self.ds, self.layout, self.columns, self.config, self.model = ds, layout, columns, config, model
         self.encoder = PairEncoder(
@@ -340,6 +341,4 @@ def scores_identity(meta: dict, num_rows: int) -> dict:
 
 def table_metadata(table: Any) -> dict:
     """The ``ches_filter`` metadata dict stored on a score table (``{}`` if none)."""
-    from .scorefile import parse_metadata
-
     return parse_metadata(table.schema.metadata, "the score table")

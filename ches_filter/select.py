@@ -9,12 +9,19 @@ original rows, untouched, in their original order.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .config import PruneConfig, ScoreConfig
 from .errors import BadDataError, BadFlagError
 from .measures import MEASURES, risk_key
+from .model import DEFAULT_MODEL_FILE
+from .records import Selection as Output, free_name, to_dataset, write_selections
+from .scorefile import read_table
+
+# datasets, pyarrow and numpy are imported in the functions that use them: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +197,6 @@ class PruneResult:
         import numpy as np
         import pyarrow as pa
 
-        from .records import Selection as Output, free_name
-
         keep = np.asarray(self.selection.keep, dtype=bool)
         kept_idx, drop_idx = np.flatnonzero(keep), np.flatnonzero(~keep)
         taken = list(self.records.columns)
@@ -214,14 +219,10 @@ class PruneResult:
 
         Same kind as the input: the records themselves; across kinds: identical values or refused.
         """
-        from .records import write_selections
-
         write_selections(self.records, self.outputs(output, rejects), overwrite=overwrite)
 
     def _dataset(self, which: int) -> Any:
         import datasets
-
-        from .records import to_dataset
 
         chosen = self.outputs(None, "") [which]
         if self.records.kind == "dataset":
@@ -267,11 +268,6 @@ _MISSING = object()
 
 def _recorded_model(model: str | None) -> str:
     """What :func:`ches_filter.model.load_model` records as ``info["model"]`` for ``--model``."""
-    import os
-    from pathlib import Path
-
-    from .model import DEFAULT_MODEL_FILE
-
     if model is None:
         return f"embedded:{DEFAULT_MODEL_FILE}"
     return str(Path(model).expanduser().resolve()) if os.path.exists(os.path.expanduser(model)) else model
@@ -336,9 +332,6 @@ def check_score_settings(scores: str, config: ScoreConfig, explicit: list[str] |
         BadFlagError: naming every differing flag, its value now and in the file.
         BadDataError: the score file cannot be read.
     """
-    from .errors import BadFlagError
-    from .scorefile import read_table
-
     _, meta = read_table(str(scores))
     settings = _score_settings(config, meta)
     problems = []

@@ -27,6 +27,8 @@ from .records import Records, from_dataset, read_files
 if TYPE_CHECKING:  # pragma: no cover - imported lazily at run time
     import datasets
 
+# datasets and pyarrow are imported in the functions that use them: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+# pyarrow and numpy are imported in the functions that use them: `ches-filter --help` stays instant.
+
 __all__ = ["as_float_array", "average_ranks", "rank_correlation", "describe", "QUANTILES"]
 
 #: The quantiles every summary reports, by name.

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 import json
 import logging
 import math
@@ -39,8 +40,33 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .config import ScoreConfig, ValidateConfig
+from .atomic import atomic_paths, remove, writing
+from .batching import PairEncoder, token_budget_batches
+from .config import JobConfig, ScoreConfig, ValidateConfig
 from .errors import BadDataError, BadFlagError, ChesFilterError
+from .formats import normalize_row
+from .inputs import check_scores_belong, input_paths, load_input
+from .logprobs import HEAD_CHUNK_ELEMENTS, head_is_exact, packed_is_exact, pair_logprobs, shrink_head_chunk
+from .measures import MEASURES
+from .model import (
+    ModelState,
+    check_model_source,
+    check_training_fits,
+    flash_attention_problem,
+    free_memory,
+    load_model,
+    resolve_device,
+    training_autocast,
+    training_memory_problem,
+)
+from .paths import check_not_matched, check_paths
+from .run import score_to_file
+from .run.workdir import WorkDir, default_work_dir
+from .scorefile import read_table, with_metadata
+from .scoring import default_batch_tokens, scores_identity
+
+# torch, pyarrow, numpy, matplotlib and tqdm are imported in the functions that use them,
+# so `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +141,6 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
     Raises:
         BadDataError: a ``--by`` column is missing, or fewer usable rows than needed.
     """
-    from .measures import MEASURES
-
     _check_score_columns(scores, config)
     values = _in_input_order(scores, ("status", *config.by_list))
     status = values.pop("status")
@@ -138,8 +162,6 @@ def plan_subsets(scores: Any, config: ValidateConfig) -> SubsetPlan:
 def _check_score_columns(scores: Any, config: ValidateConfig) -> None:
     """Refuse scores without ``row_index``/``status``, without a ``--by`` column, or with one that is not numbers."""
     import pyarrow.types as pat
-
-    from .measures import MEASURES
 
     names = scores.column_names
     for name in ("row_index", "status"):
@@ -237,9 +259,7 @@ class _Trainer:
     def __init__(self, loaded: Any, config: ValidateConfig, score_config: ScoreConfig) -> None:
         import torch
 
-        from .engine import default_workers
-        from .logprobs import head_is_exact, packed_is_exact
-        from .model import ModelState, flash_attention_problem, training_autocast
+        from .engine import default_workers  # lazy: engine.py imports torch
 
         self.lm = loaded.decoder
         self.device = loaded.device
@@ -274,7 +294,6 @@ class _Trainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad = int(pad)
         self.budget = score_config.max_batch_tokens
-        from .logprobs import HEAD_CHUNK_ELEMENTS
 
         self.head_elements = HEAD_CHUNK_ELEMENTS  # logits per LM-head chunk (logprobs.head_peak_bytes)
         # On CPU, the no-gradient passes run micro-batches side by side on
@@ -300,8 +319,6 @@ class _Trainer:
                 p.copy_(saved)
 
     def logprobs(self, pairs: Sequence[Any], *, grad: bool) -> Any:
-        from .logprobs import pair_logprobs
-
         return pair_logprobs(
             self.lm, pairs, packed=self.packed, grad=grad, device=self.device, pad_token_id=self.pad,
             autocast_dtype=self.autocast, head_elements=self.head_elements,
@@ -312,9 +329,6 @@ class _Trainer:
 
     def _micro_batches(self, rows: Sequence[int], encoded: dict[int, Any]) -> list[list[int]]:
         """``rows`` in token-budget groups (``--max-batch-tokens``; default 512 on CPU, 65536 on CUDA)."""
-        from .batching import token_budget_batches
-        from .scoring import default_batch_tokens
-
         rows = list(rows)
         budget = self.budget or default_batch_tokens(self.device)
         return [[rows[i] for i in group] for group in token_budget_batches([self._cost(encoded[r]) for r in rows], budget)]
@@ -338,15 +352,12 @@ class _Trainer:
         return out
 
     def _token_budget(self) -> Any:
-        from .engine import TokenBudget
-        from .scoring import default_batch_tokens
+        from .engine import TokenBudget  # lazy: engine.py imports torch
 
         return TokenBudget(self.budget or default_batch_tokens(self.device), self.device)
 
     def _shrink_head(self) -> bool:
         """Halve the LM-head chunk after one pair ran out of memory (:func:`~ches_filter.logprobs.shrink_head_chunk`)."""
-        from .logprobs import shrink_head_chunk
-
         return shrink_head_chunk(self)
 
     def optimizer(self) -> Any:
@@ -392,7 +403,7 @@ class _Trainer:
                     del got, loss
                 return total
             except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-                from .engine import is_oom
+                from .engine import is_oom  # lazy: engine.py imports torch
 
                 if not is_oom(exc):
                     raise
@@ -839,8 +850,6 @@ def plot(summary: dict) -> bytes | None:
     except ImportError:
         logger.warning("matplotlib is not installed, so validate.png is skipped (pip install 'ches-filter[report]')")
         return None
-    import io
-
     subsets = summary["subsets"]
     labels = [f"{s['measure']}\n{s['subset']}" for s in subsets]
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(subsets) * 2), 4.5))
@@ -882,10 +891,6 @@ def _score_beside(data: Any, path: str, scoring: ScoreConfig, progress: bool | N
 
     Scoring left there by a run with other flags or input is discarded and redone.
     """
-    from .config import JobConfig
-    from .atomic import remove, writing
-    from .run import score_to_file
-
     try:
         score_to_file(data, path, scoring, JobConfig(keep_work_dir=True), overwrite=False, progress=progress)
         return
@@ -908,8 +913,6 @@ def _entry_kind(output_dir: str, name: str) -> bool | None:
     else (a user's directory named ``scores.parquet``, say), which a rerun
     would replace or delete; None: any other name, which validate never touches.
     """
-    from .run.workdir import WorkDir
-
     path = os.path.join(output_dir, name)
     if name.startswith("."):  # temporaries of ours (`.NAME.tmp-host-pid`, `.NAME.deleting`) or a file manager's
         return True
@@ -949,9 +952,6 @@ def _foreign_to_validate(output_dir: str) -> list[str]:
 
 def _discard_work(scores_path: str) -> None:
     """Delete the scoring work directory of ``scores_path`` and any half-deleted copy of it, whatever their state."""
-    from .atomic import remove, writing  # remove: a symbolic link goes, never what it points at
-    from .run.workdir import WorkDir, default_work_dir
-
     work = WorkDir(default_work_dir(scores_path))
     for path in (work.path, work.trash):
         with writing(path):
@@ -964,8 +964,6 @@ def _check_output_dir(output_dir: str, inputs: list[tuple[str, str]], overwrite:
     Returns:
         True when OUT_DIR is an unfinished run to resume (accepted without ``overwrite``).
     """
-    from .paths import check_not_matched, check_paths
-
     resume = not overwrite and _unfinished(output_dir)
     check_paths({"--output": output_dir}, inputs, overwrite=overwrite, may_exist={"--output"} if resume else (),
                 foreign={"--output": _foreign_to_validate})
@@ -985,9 +983,6 @@ def _write_outputs(output_dir: str, table: Any, metadata: dict, summary: dict, p
     earlier run's outputs whole (never a new table beside an old summary).
     """
     import pyarrow.parquet as pq
-
-    from .atomic import atomic_paths, writing
-    from .scorefile import with_metadata
 
     table = with_metadata(table, metadata)
     files: list[tuple[str, Callable[[str], None]]] = [
@@ -1041,9 +1036,6 @@ def _check_model_up_front(config: ValidateConfig, score_config: ScoreConfig) -> 
     """
     import torch
 
-    from .model import (check_model_source, check_training_fits, flash_attention_problem, resolve_device,
-                        training_autocast)
-
     device = resolve_device(score_config.device)
     autocast, _ = training_autocast(score_config.dtype, device)
     problem = flash_attention_problem(score_config.attn_implementation, device, torch.float32, autocast)
@@ -1083,8 +1075,6 @@ def run_validate(
     Returns:
         The summary (also ``summary.json``), with ``verdicts`` and ``table`` lines.
     """
-    from .inputs import input_paths
-
     started = time.perf_counter()
     config = config or ValidateConfig()
     score_config = score_config or ScoreConfig()
@@ -1129,8 +1119,6 @@ class ValidateRun:
 
     def run(self, model: Any) -> dict:
         """Every step under OUT_DIR's lock: a second run (even with ``--overwrite``) is refused, naming this one."""
-        from .run.workdir import WorkDir
-
         existed = os.path.isdir(self.output_dir)
         lock = WorkDir(self.output_dir).acquire(name="validate")
         try:
@@ -1141,9 +1129,6 @@ class ValidateRun:
             WorkDir.release(lock, remove_dir=not existed)
 
     def _steps(self, model: Any) -> dict:
-        from .inputs import load_input
-        from .scoring import scores_identity
-
         if self.resume and os.listdir(self.output_dir) != ["locks"]:
             logger.info("%s holds an unfinished run: resuming it (its finished scoring is reused)", self.output_dir)
         ds, layout, columns = load_input(self.data, self.score_config)
@@ -1172,9 +1157,6 @@ class ValidateRun:
 
     def _read_given_scores(self, ds: Any, layout: str, columns: Any) -> tuple[Any, dict]:
         """``--scores``: read, and refuse a file of other rows or another ``--layout``."""
-        from .inputs import check_scores_belong
-        from .scorefile import read_table
-
         table, meta = read_table(os.fspath(self.scores))
         check_scores_belong(meta, table.num_rows, ds, layout, columns, flag="--scores",
                             chunk_size=self.score_config.chunk_size)
@@ -1193,11 +1175,6 @@ class ValidateRun:
         stays whole until this run's outputs replace it: the scoring goes beside
         it (:data:`NEW_SCORES`), where the same command resumes it after an interruption.
         """
-        from .config import JobConfig
-        from .run import score_to_file
-        from .run.workdir import WorkDir, default_work_dir
-        from .scorefile import read_table
-
         wanted = ",".join(dict.fromkeys(self.score_config.measure_list + self.config.by_list))
         scoring = dataclasses.replace(self.score_config, measures=wanted)
         if self.overwrite:
@@ -1227,8 +1204,6 @@ class ValidateRun:
 
     def _model(self, model: Any) -> Any:
         """The given model, or the one ``--model`` names loaded in float32 with its LM head; refused if training cannot fit."""
-        from .model import free_memory, training_memory_problem
-
         if model is None:
             t0 = time.perf_counter()
             model = load_training_model(self.score_config, self.config)
@@ -1274,8 +1249,6 @@ class ValidateRun:
     def _clean_up(self) -> None:
         """Once the outputs are in place: the scoring's parts, kept until now for a rerun after a failure; with
         ``--scores``, an earlier unfinished run's own scores, which this finished run did not use."""
-        from .run.workdir import WorkDir, default_work_dir
-
         self._release_scoring()
         own = self.own_scores
         if self.scores is None:
@@ -1286,13 +1259,9 @@ class ValidateRun:
             logger.info("removing %s (and its parts) of an earlier run: this run used %s", own, self.scores)
             _discard_work(own)
             if not os.path.isdir(own) or os.path.islink(own):
-                from .atomic import remove
-
                 remove(own)  # a file of ours (a directory by that name is no score file: left alone)
 
     def _release_scoring(self) -> None:
-        from .run.workdir import WorkDir
-
         for lock in self.held:
             WorkDir.release(lock, remove_dir=False)
         self.held.clear()
@@ -1300,8 +1269,6 @@ class ValidateRun:
 
 def load_training_model(score_config: ScoreConfig, config: ValidateConfig) -> Any:
     """``--model`` in float32 with its LM head (``--dtype`` other than float32 becomes autocast)."""
-    from .model import load_model, resolve_device, training_autocast
-
     autocast, _ = training_autocast(score_config.dtype, resolve_device(score_config.device))
     return load_model(
         score_config.model, revision=score_config.revision, trust_remote_code=score_config.trust_remote_code,
@@ -1314,9 +1281,6 @@ def load_training_model(score_config: ScoreConfig, config: ValidateConfig) -> An
 def encode_rows(rows: Sequence[int], ds: Any, layout: str, columns: Any, model: Any,
                 score_config: ScoreConfig) -> dict[int, Any]:
     """``{row: EncodedPair}`` as the rows were scored; a row that no longer encodes ``ok`` is refused."""
-    from .batching import PairEncoder
-    from .formats import normalize_row
-
     encoder = PairEncoder(
         model.tokenizer, use_chat_template=not score_config.no_chat_template, layout=score_config.layout, input_format=layout
     )

@@ -39,7 +39,8 @@ def test_help_and_the_registries_do_not_import_torch():
         "import ches_filter.batching, ches_filter.config, ches_filter.formats, ches_filter.measures, ches_filter.strategies\n"
         "for cmd in ([], *[[c] for c in main.commands]):\n"
         "    assert CliRunner().invoke(main, [*cmd, '--help']).exit_code == 0\n"
-        "print(json.dumps(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)))\n"
+        "heavy = ('torch', 'transformers', 'datasets', 'pyarrow', 'numpy', 'matplotlib')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

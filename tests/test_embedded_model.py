@@ -22,15 +22,17 @@ GOLDEN_CHES = [1053018.9022332027, -2246547.777351833, 947838.7315539323]
 
 
 @pytest.fixture(scope="module")
-def hh40():
-    rows = [r for r in read_hh(60)]
+def hh20():
+    """The first 20 scorable HH pairs (several length-sorted batches at 8,192 tokens)."""
+    rows = [r for r in read_hh(30)]
     ok = [r for r in rows if normalize_row(r, "implicit_text", Columns()).status == "ok"]
-    return ok[:40]
+    assert len(ok) >= 20
+    return ok[:20]
 
 
 @pytest.fixture(scope="module")
-def scores40(hh40, embedded):
-    return score_pairs(hh40, model=embedded, max_batch_tokens=8192, progress=False)
+def scores20(hh20, embedded):
+    return score_pairs(hh20, model=embedded, max_batch_tokens=8192, progress=False)
 
 
 def _rel(a, b):
@@ -71,28 +73,28 @@ def test_reference_loop_matches_golden_and_definition(embedded):
         assert _rel(value, golden) < 1e-4
 
 
-def test_scores_match_golden_values(scores40):
-    got = scores40.column("ches").to_pylist()[:3]
+def test_scores_match_golden_values(scores20):
+    got = scores20.column("ches").to_pylist()[:3]
     for value, golden in zip(got, GOLDEN_CHES):
         assert _rel(value, golden) < 1e-4
 
 
-def test_batched_equals_one_at_a_time(hh40, embedded, scores40):
-    single = score_pairs(hh40[:20], model=embedded, max_batch_size=1, progress=False)  # 20 rows: ~7 s a side
+def test_batched_equals_one_at_a_time(hh20, embedded, scores20):
+    single = score_pairs(hh20, model=embedded, max_batch_size=1, progress=False)  # ~7 s
     for name in ("ches", "ln_ches"):
-        assert _vector_rel(scores40.column(name).to_pylist()[:20], single.column(name).to_pylist()) <= 1e-4
-    assert scores40.column("status").to_pylist() == ["ok"] * 40
+        assert _vector_rel(scores20.column(name).to_pylist(), single.column(name).to_pylist()) <= 1e-4
+    assert scores20.column("status").to_pylist() == ["ok"] * 20
 
 
-def test_plain_engine_equals_packed(hh40, embedded, scores40):
-    plain = score_pairs(hh40[:12], model=embedded, engine="plain", progress=False)
+def test_plain_engine_equals_packed(hh20, embedded, scores20):
+    plain = score_pairs(hh20[:12], model=embedded, engine="plain", progress=False)
     for name in ("ches", "ln_ches"):
-        assert _vector_rel(plain.column(name).to_pylist(), scores40.column(name).to_pylist()[:12]) <= 1e-4
+        assert _vector_rel(plain.column(name).to_pylist(), scores20.column(name).to_pylist()[:12]) <= 1e-4
 
 
-def test_hh_raw_and_explicit_conversational_score_identically(hh40, embedded, scores40):
+def test_hh_raw_and_explicit_conversational_score_identically(hh20, embedded, scores20):
     explicit = []
-    for row in hh40[:6]:
+    for row in hh20[:6]:
         pair = normalize_row(row, "implicit_text", Columns())
         explicit.append(
             {
@@ -102,22 +104,22 @@ def test_hh_raw_and_explicit_conversational_score_identically(hh40, embedded, sc
             }
         )
     table = score_pairs(explicit, model=embedded, max_batch_tokens=8192, progress=False)
-    raw = score_pairs(hh40[:6], model=embedded, max_batch_tokens=8192, progress=False)
+    raw = score_pairs(hh20[:6], model=embedded, max_batch_tokens=8192, progress=False)
     assert json.loads(table.schema.metadata[b"ches_filter"])["input_format"] == "explicit_conversational"
     # Same token ids, same batches: bit-for-bit the same scores.
     for name in ("ches", "ln_ches", "prompt_tokens", "chosen_tokens", "rejected_tokens", "status"):
         assert table.column(name).to_pylist() == raw.column(name).to_pylist()
 
 
-def test_output_metadata_and_columns(scores40):
-    meta = json.loads(scores40.schema.metadata[b"ches_filter"])
-    assert scores40.column_names == [
+def test_output_metadata_and_columns(scores20):
+    meta = json.loads(scores20.schema.metadata[b"ches_filter"])
+    assert scores20.column_names == [
         "row_index", "ches", "ln_ches", "prompt_tokens", "chosen_tokens", "rejected_tokens", "status",
     ]
     assert meta["model"]["model"].startswith("embedded:") and len(meta["model"]["gguf_sha256"]) == 64
     assert meta["model"]["dtype"] == "float32" and meta["input_format"] == "implicit_text"
-    assert meta["model"]["chat_template_sha256"] and meta["counts"] == {"ok": 40}
-    assert all(math.isfinite(v) for v in scores40.column("ln_ches").to_pylist())
+    assert meta["model"]["chat_template_sha256"] and meta["counts"] == {"ok": 20}
+    assert all(math.isfinite(v) for v in scores20.column("ln_ches").to_pylist())
 
 
 def test_statuses_for_unscorable_rows(embedded):
@@ -134,52 +136,52 @@ def test_statuses_for_unscorable_rows(embedded):
     assert table.column("row_index").to_pylist() == list(range(7))
 
 
-def test_prune_cli_output_loads_in_datasets_and_keeps_lowest(tmp_path, hh40, scores40):
+def test_prune_cli_output_loads_in_datasets_and_keeps_lowest(tmp_path, hh20, scores20):
     import datasets
 
     from ches_filter.scorefile import write_table
     from click.testing import CliRunner
 
-    data = tmp_path / "hh40.jsonl"
-    data.write_text("".join(json.dumps(dict(r, extra=i)) + "\n" for i, r in enumerate(hh40)))
+    data = tmp_path / "hh20.jsonl"
+    data.write_text("".join(json.dumps(dict(r, extra=i)) + "\n" for i, r in enumerate(hh20)))
     scores = tmp_path / "scores.parquet"
-    meta = json.loads(scores40.schema.metadata[b"ches_filter"])
-    write_table(scores40, str(scores), metadata=meta)
+    meta = json.loads(scores20.schema.metadata[b"ches_filter"])
+    write_table(scores20, str(scores), metadata=meta)
     out = tmp_path / "pruned.parquet"
     result = CliRunner().invoke(
         main, ["prune", str(data), "--keep", "0.9", "--scores", str(scores), "-o", str(out), "--rejects", str(tmp_path / "rej.jsonl")]
     )
     assert result.exit_code == 0, result.output
-    assert "kept:     36" in result.output and "threshold: ln_ches <=" in result.output
+    assert "kept:     18" in result.output and "threshold: ln_ches <=" in result.output
     pruned = datasets.load_dataset("parquet", data_files=str(out), split="train")
     assert pruned.column_names == ["chosen", "rejected", "extra"]
-    ln = scores40.column("ln_ches").to_pylist()
-    lowest = sorted(range(40), key=lambda i: (ln[i], i))[:36]
+    ln = scores20.column("ln_ches").to_pylist()
+    lowest = sorted(range(20), key=lambda i: (ln[i], i))[:18]
     assert pruned["extra"] == sorted(lowest)
-    assert pruned["chosen"] == [hh40[i]["chosen"] for i in sorted(lowest)]
+    assert pruned["chosen"] == [hh20[i]["chosen"] for i in sorted(lowest)]
     rejects = [json.loads(line) for line in (tmp_path / "rej.jsonl").read_text().splitlines()]
-    assert sorted(r["extra"] for r in rejects) == sorted(set(range(40)) - set(lowest))
+    assert sorted(r["extra"] for r in rejects) == sorted(set(range(20)) - set(lowest))
     assert {r["ches_filter_reason"] for r in rejects} == {"high_score"}
 
 
-def test_scores_for_another_input_are_refused(tmp_path, hh40, scores40):
+def test_scores_for_another_input_are_refused(tmp_path, hh20, scores20):
     from click.testing import CliRunner
 
     from ches_filter.scorefile import write_table
 
     data = tmp_path / "other.jsonl"
-    rows = [dict(r) for r in hh40]
+    rows = [dict(r) for r in hh20]
     rows[5]["rejected"] += " (edited)"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     scores = tmp_path / "scores.parquet"
-    write_table(scores40, str(scores), metadata=json.loads(scores40.schema.metadata[b"ches_filter"]))
+    write_table(scores20, str(scores), metadata=json.loads(scores20.schema.metadata[b"ches_filter"]))
     result = CliRunner().invoke(main, ["prune", str(data), "--keep", "0.9", "--scores", str(scores), "-o", str(tmp_path / "o.jsonl")])
     assert result.exit_code == 1 and "does not belong" in result.output
 
 
-def test_prune_api_scores_itself(hh40, embedded, caplog):
+def test_prune_api_scores_itself(hh20, embedded, caplog):
     with caplog.at_level("INFO", logger="ches_filter"):
-        result = prune_pairs(hh40[:8], PruneConfig(keep=0.5, add_scores=True), model=embedded)
+        result = prune_pairs(hh20[:8], PruneConfig(keep=0.5, add_scores=True), model=embedded)
     # The input is read and its layout settled once, not again for scoring.
     assert sum("layout implicit_text" in r.getMessage() for r in caplog.records) == 1
     assert len(result.kept) == 4 and "ln_ches" in result.kept.column_names

@@ -161,7 +161,7 @@ class _InjectedOOM:
 
 
 def test_validate_absorbs_out_of_memory_in_every_pass(tmp_path, embedded_tokenizer, monkeypatch, caplog):
-    from ches_filter import logprobs
+    from ches_filter import logprobs, validate
 
     lm = tiny_gpt2(len(embedded_tokenizer), dropout=0.0).to(torch.float64)  # float64: batching's rounding is 1e-13
     settings = dict(subset_size=4, eval_size=2, batch_size=4)
@@ -170,7 +170,7 @@ def test_validate_absorbs_out_of_memory_in_every_pass(tmp_path, embedded_tokeniz
     # 4096 tokens), call 9 fails outright on one pair (LM-head chunk halved), and the backward pass of
     # call 12 fails after the step's first micro-batch has added its gradient (the step is redone).
     flaky = _InjectedOOM(logprobs.pair_logprobs, most=2, fail_calls={9}, fail_backward={12})
-    monkeypatch.setattr(logprobs, "pair_logprobs", flaky)
+    monkeypatch.setattr(validate, "pair_logprobs", flaky)
     with caplog.at_level("WARNING", logger="ches_filter"):
         _, got = _validate(tmp_path, "flaky", lm, embedded_tokenizer, **settings)
     assert flaky.failed >= 4
@@ -182,18 +182,18 @@ def test_validate_absorbs_out_of_memory_in_every_pass(tmp_path, embedded_tokeniz
 
 
 def test_validate_out_of_memory_on_one_pair_is_one_line_in_the_end(tmp_path, embedded_tokenizer, monkeypatch):
-    from ches_filter import logprobs
+    from ches_filter import logprobs, validate
     from ches_filter.errors import OutOfMemoryError
 
     lm = tiny_gpt2(len(embedded_tokenizer), dropout=0.0).eval().requires_grad_(False)
-    monkeypatch.setattr(logprobs, "pair_logprobs", _InjectedOOM(logprobs.pair_logprobs, most=0))
+    monkeypatch.setattr(validate, "pair_logprobs", _InjectedOOM(logprobs.pair_logprobs, most=0))
     with pytest.raises(OutOfMemoryError, match=r"^one pair of \d+ tokens does not fit in memory; lower `--max-length`$"):
         _validate(tmp_path, "never", lm, embedded_tokenizer, subset_size=2, eval_size=0, batch_size=2)
     assert not lm.training and not any(p.requires_grad for p in lm.parameters())  # given back as it came
 
 
 def test_displacement_absorbs_out_of_memory_in_first_order_and_real_steps(embedded_tokenizer, monkeypatch, caplog):
-    from ches_filter import logprobs
+    from ches_filter import displacement, logprobs
     from ches_filter.config import DisplacementConfig
     from ches_filter.displacement import measure_displacement
     from ches_filter.model import LoadedModel
@@ -206,7 +206,7 @@ def test_displacement_absorbs_out_of_memory_in_first_order_and_real_steps(embedd
     expected = measure_displacement(rows, config, ScoreConfig(quiet=True), model=loaded)
     # Call 2: g- of the first pair; call 5: the first real step's pass; backward of call 9: a later step's.
     flaky = _InjectedOOM(logprobs.pair_logprobs, fail_calls={2, 5}, fail_backward={9})
-    monkeypatch.setattr(logprobs, "pair_logprobs", flaky)
+    monkeypatch.setattr(displacement, "pair_logprobs", flaky)
     with caplog.at_level("WARNING", logger="ches_filter"):
         got = measure_displacement(rows, config, ScoreConfig(quiet=True), model=loaded)
     assert flaky.failed == 3 and caplog.text.count("out of memory on one pair") == 1  # said once

@@ -244,6 +244,24 @@ def test_a_corrupt_model_directory_is_one_sentence(tmp_path, data, tiny_model_di
     assert_refused(invoke("score", data, "-o", out, "--model", model, "-q"), 1, str(model), needle, out=out)
 
 
+def test_a_directory_damaged_after_it_passed_is_checked_again(tmp_path, data, tiny_model_dir):
+    """A directory that passed is not parsed again in the process, unless a file in it changed since."""
+    from ches_filter.model import checkpoint_problem
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    assert checkpoint_problem(model) is None
+    assert invoke("score", data, "-o", tmp_path / "ok.parquet", "--model", model, "-q").exit_code == 0
+    config = model / "tokenizer_config.json"
+    config.write_bytes(b"{" * len(config.read_bytes()))  # same size, same inode: only its mtime tells
+    out = tmp_path / "s.parquet"
+    assert_refused(invoke("score", data, "-o", out, "--model", model, "-q"), 1, str(model),
+                   "tokenizer_config.json is corrupt or truncated", out=out)
+    (model / "added.json").write_text("{")  # a new file
+    config.write_text("{}")
+    assert "added.json is corrupt" in checkpoint_problem(model)
+
+
 def test_a_file_that_is_not_a_gguf_nor_a_directory(tmp_path, data, tiny_model_dir):
     out = tmp_path / "s.parquet"
     weights = tiny_model_dir / "model.safetensors"

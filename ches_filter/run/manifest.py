@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from ..errors import BadFlagError, ChesFilterError
+from ..scorefile import read_table
 from .workdir import WorkDir
 
 __all__ = ["FREE_FIELDS", "identity", "model_identity", "check_identity", "check_model", "output_matches", "differences"]
@@ -93,7 +94,6 @@ def output_matches(output: str, manifest: dict | None) -> bool:
     """Whether ``output`` is the assembled result of the job ``manifest`` describes."""
     if manifest is None or not os.path.isfile(output):
         return False
-    from ..scorefile import read_table
 
     try:
         table, meta = read_table(output)

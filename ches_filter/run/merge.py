@@ -9,19 +9,20 @@ read; a missing or damaged part is named with the way to redo it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Iterator
 
+from ..atomic import atomic_path
 from ..batching import SpecialRows
 from ..errors import BadDataError, BadFlagError
-from ..atomic import atomic_path
 from ..paths import check_output_path
-from ..scorefile import METADATA_KEY, with_metadata
+from ..scorefile import with_metadata
 from ..scoring import merge_counts, status_counts
 from .topology import part_grid, shard_slice
 from .workdir import WorkDir
+
+# pyarrow is imported in the functions that use it: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 

@@ -54,6 +54,8 @@ from .merge import assemble, assemble_table, ranges_text
 from .topology import Group, Topology, part_grid, select_device, shard_slice
 from .workdir import MANIFEST_FORMAT, WorkDir, check_work_dir, default_work_dir, now, read_manifest
 
+# tqdm is imported in the functions that use it: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["score_to_file", "score_to_table", "run_job", "JobResult"]

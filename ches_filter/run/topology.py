@@ -25,6 +25,8 @@ from typing import Any, Sequence
 
 from ..errors import BadFlagError
 
+# torch is imported in the functions that use it: `ches-filter --help` stays instant.
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Topology", "Group", "torchrun_rank", "part_grid", "shard_slice", "select_device"]

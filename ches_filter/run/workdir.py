@@ -33,9 +33,11 @@ import socket
 import time
 from typing import Any
 
-from ..errors import BadDataError, BadFlagError
 from ..atomic import atomic_path, writing
+from ..errors import BadDataError, BadFlagError
 from ..procs import pid_alive
+
+# pyarrow is imported in the functions that use it: `ches-filter --help` stays instant.
 
 logger = logging.getLogger(__name__)
 
